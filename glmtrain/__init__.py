@@ -1,0 +1,3 @@
+"""glmtrain: config-driven pretraining of genomic language models."""
+
+__version__ = "0.1.0"

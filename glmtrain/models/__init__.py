@@ -1,0 +1,38 @@
+"""Model families. Each entry: family -> (module, config class, model class).
+
+Adding a family = one file in this package + one line here (+ a sharding plan
+in ``glmtrain/parallel/plans.py`` to join the distributed strategies).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from glmtrain.models.base import GenomicModel, ModelConfig
+
+FAMILIES: dict[str, tuple[str, str, str]] = {
+    "transformer": ("glmtrain.models.transformer", "TransformerConfig", "Transformer"),
+}
+
+
+def family_names() -> list[str]:
+    return sorted(FAMILIES)
+
+
+def config_class(family: str) -> type[ModelConfig]:
+    if family not in FAMILIES:
+        raise KeyError(f"model.family={family!r}: allowed values are {', '.join(family_names())}")
+    mod, cfg_cls, _ = FAMILIES[family]
+    return getattr(importlib.import_module(mod), cfg_cls)
+
+
+def model_class(family: str) -> type[GenomicModel]:
+    config_class(family)
+    mod, _, model_cls = FAMILIES[family]
+    return getattr(importlib.import_module(mod), model_cls)
+
+
+def build_model(cfg: Any, vocab_size: int) -> GenomicModel:
+    """Build from a validated family config dataclass instance."""
+    return model_class(cfg.family)(cfg, vocab_size)

@@ -1,0 +1,96 @@
+"""Building blocks shared by model families (plain torch, no parallelism)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # compute in fp32 for bf16 stability, return the input dtype
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+def make_norm(kind: str, dim: int, eps: float = 1e-5) -> nn.Module:
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=eps)
+    if kind == "rmsnorm":
+        return RMSNorm(dim, eps=eps)
+    raise ValueError(f"norm={kind!r}: allowed values are layernorm, rmsnorm")
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (rotate-half convention, as in GPT-NeoX / Llama).
+
+    ``base`` and ``interpolation_factor`` are separate knobs: context extension
+    may raise the base (NTK-style) and/or divide positions by a factor (linear
+    position interpolation, Chen et al. 2023); the released Evo 2 weights use
+    one and the savanna configs the other.
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0, interpolation_factor: float = 1.0):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"rotary head_dim must be even, got {head_dim}")
+        self.head_dim = head_dim
+        self.base = float(base)
+        self.interpolation_factor = float(interpolation_factor)
+        self._cache: tuple[int, torch.device, torch.dtype, torch.Tensor, torch.Tensor] | None = None
+
+    def inv_freq(self, device=None) -> torch.Tensor:
+        return 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=device) / self.head_dim))
+
+    def cos_sin(self, seq_len: int, device, dtype, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (seq_len + offset, device, dtype)
+        if self._cache is None or self._cache[:3] != key:
+            pos = torch.arange(seq_len + offset, dtype=torch.float64, device=device) / self.interpolation_factor
+            freqs = torch.outer(pos, self.inv_freq(device))
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self._cache = (*key, emb.cos().to(dtype), emb.sin().to(dtype))
+        return self._cache[3][offset:], self._cache[4][offset:]
+
+    @staticmethod
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k: [batch, heads, seq, head_dim]. ``offset`` = position of the first token (KV cache)."""
+        cos, sin = self.cos_sin(q.shape[-2], q.device, torch.float32, offset)
+        qf = self.rotate(q.float(), cos, sin).to(q.dtype)
+        kf = self.rotate(k.float(), cos, sin).to(k.dtype)
+        return qf, kf
+
+
+class SwiGLU(nn.Module):
+    """Gated MLP: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = False, activation: str = "silu"):
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=bias)
+        self.up = nn.Linear(dim, hidden, bias=bias)
+        self.down = nn.Linear(hidden, dim, bias=bias)
+        self.act = {"silu": F.silu, "gelu": F.gelu, "identity": lambda t: t}[activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.gate(x)) * self.up(x))
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, bias: bool = True):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))

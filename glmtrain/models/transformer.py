@@ -1,0 +1,139 @@
+"""Plain pre-norm Transformer with RoPE and torch SDPA: causal LM or bidirectional encoder.
+
+The baseline every genomic-LM paper compares against.  SDPA dispatches to the
+flash / memory-efficient kernels on GPU and to the math kernel on CPU; when the
+optional ``flash-attn`` package is present and ``attention=flash_attn`` it is used
+instead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from glmtrain.models.base import GenomicModel, ModelConfig
+from glmtrain.models.layers import GeluMLP, RotaryEmbedding, SwiGLU, make_norm
+
+
+@dataclass
+class TransformerConfig(ModelConfig):
+    family: str = "transformer"
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    ffn_dim: int = 0  # 0 = 4 * d_model (gelu) or 8/3 * d_model rounded to 64 (swiglu)
+    causal: bool = True
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"  # gelu | swiglu
+    bias: bool = True
+    dropout: float = 0.0
+    rope_base: float = 10000.0
+    rope_interpolation: float = 1.0
+    tie_embeddings: bool = True
+    max_seq_len: int = 0  # 0 = unbounded (RoPE); >0 refuses longer inputs
+    attention: str = "sdpa"  # sdpa | flash_attn (optional package)
+
+    def resolved_ffn_dim(self) -> int:
+        if self.ffn_dim:
+            return self.ffn_dim
+        if self.mlp == "swiglu":
+            return 64 * math.ceil(8 * self.d_model / 3 / 64)
+        return 4 * self.d_model
+
+
+def _flash_attn_func():
+    try:
+        from flash_attn import flash_attn_func  # type: ignore
+
+        return flash_attn_func
+    except ImportError:
+        return None
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        if cfg.d_model % cfg.n_heads:
+            raise ValueError(f"model.d_model={cfg.d_model} must be divisible by model.n_heads={cfg.n_heads}")
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.causal = cfg.causal
+        self.dropout = cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.rope = RotaryEmbedding(self.head_dim, cfg.rope_base, cfg.rope_interpolation)
+        self.flash = _flash_attn_func() if cfg.attention == "flash_attn" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, l, _ = x.shape
+        # -1 instead of n_heads lets a tensor-parallel plan shard heads without touching this code
+        q, k, v = self.qkv(x).view(b, l, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self.rope(q, k)
+        p = self.dropout if self.training else 0.0
+        if self.flash is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+            y = self.flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=p, causal=self.causal)
+            y = y.reshape(b, l, -1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=self.causal)
+            y = y.transpose(1, 2).reshape(b, l, -1)
+        return self.out(y)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        hidden = cfg.resolved_ffn_dim()
+        self.mlp = SwiGLU(cfg.d_model, hidden, bias=cfg.bias) if cfg.mlp == "swiglu" else GeluMLP(cfg.d_model, hidden, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x)))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class Transformer(GenomicModel):
+    def __init__(self, cfg: TransformerConfig, vocab_size: int):
+        super().__init__(cfg, vocab_size)
+        if cfg.mlp not in ("gelu", "swiglu"):
+            raise ValueError(f"model.mlp={cfg.mlp!r}: allowed values are gelu, swiglu")
+        self.causal = cfg.causal
+        self.embed = nn.Embedding(vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm_f = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # GPT-2 style: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layers)
+        std = 0.02
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("attn.out.weight", "mlp.fc2.weight", "mlp.down.weight")) else 1.0
+                nn.init.normal_(p, 0.0, std * scale)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.cfg.max_seq_len and input_ids.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            if self.cfg.activation_checkpointing and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.norm_f(x)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(input_ids))
