@@ -13,6 +13,8 @@ from glmtrain.models.base import GenomicModel, ModelConfig
 
 FAMILIES: dict[str, tuple[str, str, str]] = {
     "transformer": ("glmtrain.models.transformer", "TransformerConfig", "Transformer"),
+    "hyena": ("glmtrain.models.hyena", "HyenaConfig", "HyenaDNA"),
+    "evo2": ("glmtrain.models.evo2", "Evo2Config", "Evo2"),
 }
 
 

@@ -1,0 +1,326 @@
+"""Evo 2-style StripedHyena 2: a striped multi-hybrid of three Hyena operators and attention.
+
+Shapes and options follow the released Evo 2 checkpoints (Brixi et al. 2025;
+the vortex/savanna configs ``evo2-{1b-8k,7b-1m,40b-1m}.yml`` and the small
+``shc-evo2-{50m,100m}-8k`` configs):
+
+* byte tokenizer (vocabulary 512), tied embedding / LM head, final RMSNorm (eps 1e-6);
+* the block order is a pattern string, one character per layer:
+  ``S`` = Hyena-SE (explicit short filter, length 7), ``D`` = Hyena-MR
+  (explicit length-128 filter with a fixed exponential-decay window, plus a D
+  skip), ``H`` = Hyena-LI (implicit *modal* filter ``h[t] = sum_n R_n p_n^t`` of
+  order ``state_size`` = 16, FFT convolution, D skip), ``*`` = multi-head
+  attention with RoPE; e.g. Evo 2 1B is ``SDH*SDHSDH*SDHSDH*SDHSDH*``;
+* every block is ``x += mixer(RMSNorm(x)); x += MLP(RMSNorm(x))`` with a gated
+  MLP ``l3(act(l1 x) * l2 x)``;
+* Hyena blocks: projection d->3d (no bias), depthwise causal featurizer conv of
+  length 3 (no bias), split (post, pre, v), ``y = post * (h * (pre * v) [+ D * (pre * v)])``,
+  output projection d->d with bias;
+* attention: fused qkv without bias, output projection *with* bias;
+* released-checkpoint quirks as options: ``mlp_act_first_layer_only`` (GELU only in
+  layer 0's MLP, identity elsewhere), ``qkv_bias=false`` / ``attn_out_bias=true``.
+
+Filter grouping (``se_filter_groups``, ``mr_filter_groups``, ``li_filter_groups``):
+G filters shared by contiguous runs of d/G channels (channel c uses filter
+``c // (d // G)``), as in the released checkpoints.  The convolution is then
+run depthwise on the expanded [d, K] filter -- the conservative, obviously
+correct implementation.
+
+Not reproduced: the ``interleave`` / ``column_split`` channel permutations of the
+vortex projection layout (they only matter for loading released weights) and
+FP8 projections.  Hyena-LI poles are real and parametrised as
+``p = exp(-exp(log_rate))`` so that every mode decays (the released weights store
+``log p`` directly; a converter maps ``log_rate = log(-log_poles)``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from glmtrain.models.base import GenomicModel, ModelConfig
+from glmtrain.models.layers import RMSNorm, RotaryEmbedding, SwiGLU
+from glmtrain.models.ops import (
+    direct_causal_conv,
+    fft_causal_conv,
+    flash_attn_func,
+    grouped_filter,
+    hyena_gated_conv,
+    short_causal_conv,
+)
+
+BLOCK_KINDS = {"S": "hyena_se", "D": "hyena_mr", "H": "hyena_li", "*": "attention"}
+
+
+@dataclass
+class Evo2Config(ModelConfig):
+    family: str = "evo2"
+    name: str = "evo2-tiny"
+    d_model: int = 128
+    pattern: str = "SDH*SDH*"  # one char per layer: S (SE), D (MR), H (LI), * (attention)
+    n_layers: int = 0  # 0 = len(pattern); otherwise must equal it
+    n_heads: int = 4
+    mlp_dim: int = 0  # 0 = 8/3 * d rounded up to mlp_multiple_of
+    mlp_multiple_of: int = 128
+    mlp_activation: str = "gelu"  # gelu | silu
+    mlp_act_first_layer_only: bool = True  # Evo 2 quirk: identity activation after layer 0
+    norm_eps: float = 1e-6
+    # --- Hyena operators
+    short_filter_length: int = 3  # featurizer conv on the 3d projection
+    short_filter_bias: bool = False
+    se_filter_length: int = 7
+    se_filter_groups: int = 16
+    mr_filter_length: int = 128
+    mr_filter_groups: int = 16
+    mr_decay: bool = True  # fixed exponential-decay window on the MR filter
+    mr_decay_fast: float = 0.3  # fraction of the filter length where the fastest channel reaches target
+    mr_decay_slow: float = 1.5
+    mr_decay_target: float = 1e-2
+    li_filter_groups: int = 0  # 0 = d_model (one modal filter per channel)
+    state_size: int = 16  # order of the modal (Hyena-LI) filter
+    li_rate_min: float = 1e-4  # initial decay rates of the modes (per token), log-spaced
+    li_rate_max: float = 1.0
+    hyena_out_bias: bool = True
+    # --- attention
+    qkv_bias: bool = False
+    attn_out_bias: bool = True
+    rope_base: float = 10000.0
+    rope_interpolation: float = 1.0  # linear position interpolation factor (positions / factor)
+    attention: str = "sdpa"  # sdpa | flash_attn (optional package)
+    # --- misc
+    tie_embeddings: bool = True
+    initializer_range: float = 0.02
+    filter_lr_scale: float = 1.0
+    filter_weight_decay: float = 0.0
+    checkpoint_layers: int = 0  # with activation_checkpointing: 0 = every block, n = first n
+    fft_channel_chunk: int = 0
+
+    def layer_kinds(self) -> list[str]:
+        bad = sorted(set(self.pattern) - set(BLOCK_KINDS))
+        if bad or not self.pattern:
+            raise ValueError(f"model.pattern={self.pattern!r}: use only the characters S, D, H, * (got {bad})")
+        if self.n_layers and self.n_layers != len(self.pattern):
+            raise ValueError(f"model.n_layers={self.n_layers} but model.pattern has {len(self.pattern)} layers")
+        return [BLOCK_KINDS[c] for c in self.pattern]
+
+    def resolved_mlp_dim(self) -> int:
+        if self.mlp_dim:
+            return self.mlp_dim
+        m = self.mlp_multiple_of
+        return m * math.ceil(int(2 * self.d_model * 4 / 3) / m)
+
+
+# ----------------------------------------------------------------------------- filters
+
+
+class ExplicitFilter(nn.Module):
+    """Grouped explicit FIR filter [G, K] (Hyena-SE / Hyena-MR)."""
+
+    def __init__(self, d: int, length: int, groups: int, decay: tuple[float, float, float] | None, skip: bool):
+        super().__init__()
+        if d % groups:
+            raise ValueError(f"d_model={d} is not divisible by filter groups={groups}")
+        self.d, self.groups, self.length = d, groups, length
+        self.h = nn.Parameter(torch.randn(groups, length) / math.sqrt(length))
+        if decay is not None:
+            fast, slow, target = decay
+            t = torch.arange(length, dtype=torch.float64) / length
+            rates = torch.linspace(math.log(1 / target) / slow, math.log(1 / target) / fast, groups, dtype=torch.float64)
+            self.register_buffer("window", torch.exp(-rates[:, None] * t[None, :]).float())
+        else:
+            self.window = None
+        self.D = nn.Parameter(torch.zeros(d)) if skip else None
+
+    def materialize(self) -> torch.Tensor:
+        """Effective per-group filter [G, K] (window applied); index 0 = current token."""
+        h = self.h.float() if self.h.dtype != torch.float64 else self.h
+        return h * self.window.to(h.dtype) if self.window is not None else h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, d, L] -> causal FIR, channel-wise, plus optional D skip."""
+        k = grouped_filter(self.materialize(), self.d).to(x.dtype)
+        return direct_causal_conv(x, k, self.D)
+
+
+class ModalFilter(nn.Module):
+    """Hyena-LI filter h[g, t] = sum_n R[g, n] * p[g, n]**t with real poles p = exp(-exp(log_rate))."""
+
+    def __init__(self, d: int, groups: int, state_size: int, rate_min: float, rate_max: float):
+        super().__init__()
+        if d % groups:
+            raise ValueError(f"d_model={d} is not divisible by li_filter_groups={groups}")
+        self.d, self.groups, self.state_size = d, groups, state_size
+        lo, hi = math.log(rate_min), math.log(rate_max)
+        # each group gets modes spread log-uniformly over [rate_min, rate_max], with jitter
+        base = torch.linspace(lo, hi, state_size, dtype=torch.float64)
+        jitter = (torch.rand(groups, state_size, dtype=torch.float64) - 0.5) * (hi - lo) / max(1, state_size)
+        log_rate = (base[None, :] + jitter).float()
+        self.log_rate = nn.Parameter(log_rate)
+        rate = log_rate.exp()
+        # residues scaled so that every mode has O(1/sqrt(N)) L1 gain: |R| / (1 - p) ~ 1 / sqrt(N)
+        self.residues = nn.Parameter(torch.randn(groups, state_size) * (1 - torch.exp(-rate)) / math.sqrt(state_size))
+        self.D = nn.Parameter(torch.zeros(d))
+
+    def poles(self) -> torch.Tensor:
+        return torch.exp(-torch.exp(self.log_rate))
+
+    def _materialize(self, log_rate: torch.Tensor, residues: torch.Tensor, seq_len: int) -> torch.Tensor:
+        t = torch.arange(seq_len, device=log_rate.device, dtype=log_rate.dtype)
+        rate = torch.exp(log_rate)  # [G, N]
+        h = torch.zeros(log_rate.shape[0], seq_len, device=log_rate.device, dtype=log_rate.dtype)
+        for n in range(self.state_size):  # accumulate mode by mode: never a [G, N, L] tensor
+            h = h + residues[:, n, None] * torch.exp(-rate[:, n, None] * t)
+        return h
+
+    def materialize(self, seq_len: int, dtype=torch.float32) -> torch.Tensor:
+        """Explicit per-group filter [G, L]: sum_n R_n exp(-rate_n * t), in ``dtype``.
+
+        Under autograd the computation is checkpointed, so only the [G, L] result is kept.
+        """
+        args = (self.log_rate.to(dtype), self.residues.to(dtype), seq_len)
+        with torch.autocast(device_type=self.log_rate.device.type, enabled=False):
+            if torch.is_grad_enabled() and self.log_rate.requires_grad:
+                return checkpoint(self._materialize, *args, use_reentrant=False)
+            return self._materialize(*args)
+
+    def forward_recurrent(self, x: torch.Tensor) -> torch.Tensor:
+        """Same output as the FFT path, by the modal recurrence s_n[t] = p_n s_n[t-1] + x[t]; y = sum_n R_n s_n (+ D x).
+
+        O(L * N) sequential steps; the reference for tests and the basis of a cached decoder.
+        """
+        b, d, seq_len = x.shape
+        dt = x.dtype
+        p = grouped_filter(self.poles().to(dt), d)  # [d, N]
+        r = grouped_filter(self.residues.to(dt), d)
+        s = torch.zeros(b, d, self.state_size, dtype=dt, device=x.device)
+        ys = []
+        for t in range(seq_len):
+            s = p * s + x[:, :, t, None]
+            ys.append((s * r).sum(-1))
+        return torch.stack(ys, dim=-1) + x * self.D.to(dt)[:, None]
+
+
+# ----------------------------------------------------------------------------- mixers
+
+
+class HyenaMixer(nn.Module):
+    """Projection -> featurizer conv -> gated inner filter (SE / MR / LI) -> output projection."""
+
+    def __init__(self, cfg: Evo2Config, kind: str):
+        super().__init__()
+        d = cfg.d_model
+        self.cfg, self.kind = cfg, kind
+        self.proj = nn.Linear(d, 3 * d, bias=False)
+        self.short_conv = nn.Conv1d(3 * d, 3 * d, cfg.short_filter_length, groups=3 * d, bias=cfg.short_filter_bias)
+        if kind == "hyena_se":
+            self.filter = ExplicitFilter(d, cfg.se_filter_length, cfg.se_filter_groups, None, skip=False)
+        elif kind == "hyena_mr":
+            decay = (cfg.mr_decay_fast, cfg.mr_decay_slow, cfg.mr_decay_target) if cfg.mr_decay else None
+            self.filter = ExplicitFilter(d, cfg.mr_filter_length, cfg.mr_filter_groups, decay, skip=True)
+        elif kind == "hyena_li":
+            self.filter = ModalFilter(d, cfg.li_filter_groups or d, cfg.state_size, cfg.li_rate_min, cfg.li_rate_max)
+        else:
+            raise ValueError(kind)
+        self.out = nn.Linear(d, d, bias=cfg.hyena_out_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq_len = x.shape[1]
+        z = self.proj(x).transpose(1, 2).contiguous()  # [B, 3d, L]
+        if self.kind == "hyena_li":
+            k = grouped_filter(self.filter.materialize(seq_len, torch.float64 if z.dtype == torch.float64 else torch.float32), self.cfg.d_model)
+            y = hyena_gated_conv(z, self.short_conv.weight, self.short_conv.bias, k, self.filter.D, self.cfg.fft_channel_chunk)
+        else:
+            zc = short_causal_conv(z, self.short_conv.weight, self.short_conv.bias)
+            post, pre, v = zc.chunk(3, dim=1)
+            y = post * self.filter(pre * v)
+        return self.out(y.transpose(1, 2))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Evo2Config):
+        super().__init__()
+        if cfg.d_model % cfg.n_heads:
+            raise ValueError(f"model.d_model={cfg.d_model} must be divisible by model.n_heads={cfg.n_heads}")
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.qkv_bias)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.attn_out_bias)
+        self.rope = RotaryEmbedding(self.head_dim, cfg.rope_base, cfg.rope_interpolation)
+        self.flash = flash_attn_func() if cfg.attention == "flash_attn" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, seq_len, _ = x.shape
+        q, k, v = self.qkv(x).view(b, seq_len, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self.rope(q, k)
+        if self.flash is not None and x.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            y = self.flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).reshape(b, seq_len, -1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, seq_len, -1)
+        return self.out(y)
+
+
+class Evo2Block(nn.Module):
+    def __init__(self, cfg: Evo2Config, kind: str, layer_idx: int):
+        super().__init__()
+        self.kind = kind
+        self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = Attention(cfg) if kind == "attention" else HyenaMixer(cfg, kind)
+        self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        act = cfg.mlp_activation if (layer_idx == 0 or not cfg.mlp_act_first_layer_only) else "identity"
+        self.mlp = SwiGLU(cfg.d_model, cfg.resolved_mlp_dim(), bias=False, activation=act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.mixer(self.norm1(x)).to(x.dtype)
+        return x + self.mlp(self.norm2(x)).to(x.dtype)
+
+
+class Evo2(GenomicModel):
+    causal = True
+
+    def __init__(self, cfg: Evo2Config, vocab_size: int):
+        super().__init__(cfg, vocab_size)
+        if cfg.mlp_activation not in ("gelu", "silu"):
+            raise ValueError(f"model.mlp_activation={cfg.mlp_activation!r}: allowed values are gelu, silu")
+        kinds = cfg.layer_kinds()
+        self.embed = nn.Embedding(vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Evo2Block(cfg, kind, i) for i, kind in enumerate(kinds))
+        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.initializer_range
+        scale = 1 / math.sqrt(2 * len(self.blocks))
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                resid = name.endswith(("mixer.out", "mlp.down"))
+                nn.init.normal_(m.weight, 0.0, std * (scale if resid else 1.0))
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, 0.0, std)
+
+    def param_groups_overrides(self) -> dict[str, dict]:
+        return {"mixer.filter.": {"weight_decay": self.cfg.filter_weight_decay, "lr_scale": self.cfg.filter_lr_scale}}
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids)
+        n = self.cfg.checkpoint_layers
+        for i, block in enumerate(self.blocks):
+            if self.cfg.activation_checkpointing and self.training and (n <= 0 or i < n):
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.norm_f(x)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(input_ids))
+
+
+__all__ = ["Evo2Config", "Evo2", "ExplicitFilter", "ModalFilter", "HyenaMixer", "fft_causal_conv"]
