@@ -130,17 +130,18 @@ class ImplicitFilter(nn.Module):
         else:
             self.deltas = None
 
-    def features(self, start: int, stop: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(self, start: int, stop: int, device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """Positional features z [n, emb_dim] and normalised time t [n, 1] for positions [start, stop)."""
         pos = torch.arange(start, stop, device=device, dtype=torch.float64)
         t = pos / (self.l_max - 1)
         w = 2 * math.pi * pos / self.l_max
         ang = w[:, None] * self.band_freqs.to(device=device, dtype=torch.float64)[None, :]
         z = torch.cat([t[:, None], torch.cos(ang), -torch.sin(ang)], dim=-1)
-        return z.float(), t[:, None].float()
+        return z.to(dtype), t[:, None].to(dtype)
 
     def _chunk(self, start: int, stop: int, anchor: torch.Tensor) -> torch.Tensor:
-        z, t = self.features(start, stop, anchor.device)
+        dt = torch.float64 if anchor.dtype == torch.float64 else torch.float32
+        z, t = self.features(start, stop, anchor.device, dt)
         h = z
         for lin in self.mlp:
             h = self.act(lin(h))
@@ -204,10 +205,10 @@ class HyenaBlock(nn.Module):
         return self.drop(self.mlp(self.norm2(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.mixer(self.norm1(x))).float()
+        x = x + self.drop(self.mixer(self.norm1(x))).to(x.dtype)
         if self.checkpoint_mlp and torch.is_grad_enabled():
-            return x + checkpoint(self._mlp, x, use_reentrant=False).float()
-        return x + self._mlp(x).float()
+            return x + checkpoint(self._mlp, x, use_reentrant=False).to(x.dtype)
+        return x + self._mlp(x).to(x.dtype)
 
 
 class HyenaDNA(GenomicModel):
@@ -247,7 +248,9 @@ class HyenaDNA(GenomicModel):
         return self.cfg.activation_checkpointing and self.training and (n <= 0 or i < n)
 
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed_drop(self.embed(input_ids)).float()  # residual stream in fp32
+        x = self.embed_drop(self.embed(input_ids))
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()  # residual stream kept in (at least) fp32
         for i, block in enumerate(self.blocks):
             ckpt = self._checkpointed(i)
             if ckpt and self.cfg.checkpoint_policy == "block":
