@@ -1,0 +1,50 @@
+"""``python -m glmtrain [group=option ...] [key=value ...]`` -- the Hydra entry point.
+
+The composed config is validated against the structured schema before anything
+else happens (no trainer, no process group, no subprocess): a bad key, type or
+combination exits with status 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def _fail(msg: str) -> None:
+    print(f"glmtrain: error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    from glmtrain.checkpointing import CheckpointError
+    from glmtrain.config import ConfigError, validate
+    from glmtrain.data.fasta import DataInputError
+
+    try:
+        run = validate(cfg)
+    except ConfigError as e:
+        _fail(f"config: {e}")
+    from glmtrain.train import train
+
+    try:
+        train(run)
+    except (DataInputError, CheckpointError, ConfigError) as e:
+        _fail(str(e))
+
+
+def entry() -> None:
+    # Hydra would otherwise print a full stack trace for our one-line errors.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    main()
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,286 @@
+"""Structured config schema and validation.
+
+Hydra composes YAML from ``conf/``; :func:`validate` then checks the result
+against these dataclasses *before* any trainer, process group or subprocess is
+created.  Every problem is reported as one line naming the key and what is
+allowed (:class:`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from glmtrain.models import config_class, family_names
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as one line for the user."""
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass
+class SourceConfig:
+    path: str = "???"
+    species: str = ""
+    weight: float = 1.0
+    # Only these records (empty = all). Names as in the FASTA header's first word.
+    records: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SplitConfig:
+    kind: str = "records"  # records | fraction
+    # records: records (per species: "species:record" or bare record names) held out
+    valid_records: list[str] = field(default_factory=list)
+    test_records: list[str] = field(default_factory=list)
+    # fraction: the last valid_fraction (and test_fraction) of every record
+    valid_fraction: float = 0.1
+    test_fraction: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    name: str = "sample"
+    sources: list[SourceConfig] = field(default_factory=list)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    window: int = 1024  # bases per training window
+    stride: int = 0  # 0 = window (no overlap)
+    min_length: int = 0  # 0 = window; shorter tails are padded (and excluded from the loss)
+    max_n_fraction: float = 0.1  # drop windows with more N than this
+    softmask: str = "upper"  # upper | keep | weight
+    softmask_weight: float = 0.1  # loss weight of lowercase bases when softmask=weight
+    rc_prob: float = 0.0  # reverse-complement augmentation probability at stream time
+    max_val_windows: int = 256  # held-out windows evaluated (evenly spaced); 0 = all
+    num_workers: int = 1
+    cache_dir: str = ""  # where plain-gzip FASTA is decompressed ("" = ~/.cache/glmtrain)
+
+
+# ------------------------------------------------------------------------ objective
+@dataclass
+class ObjectiveConfig:
+    name: str = "clm"  # clm (next token) | mlm
+    mask_prob: float = 0.15
+    mask_token_prob: float = 0.8  # of selected positions -> [MASK]
+    random_token_prob: float = 0.1  # of selected positions -> random nucleotide; rest unchanged
+
+
+# ------------------------------------------------------------------------- strategy
+@dataclass
+class StrategyConfig:
+    name: str = "auto"  # auto (single device) | ddp | ddp_spawn
+    backend: str = "auto"  # auto: nccl on GPU, gloo on CPU
+    find_unused_parameters: bool = False
+
+
+# -------------------------------------------------------------------------- trainer
+@dataclass
+class OptimConfig:
+    lr: float = 2e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
+    schedule: str = "cosine"  # cosine | constant
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 400
+    max_time_s: float = 0.0  # stop early after this wall time (0 = no limit)
+    micro_batch_size: int = 16
+    accumulate: int = 1
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU | 32-true | bf16-mixed | 16-mixed
+    accelerator: str = "auto"  # auto | cpu | gpu
+    devices: int = 1
+    num_nodes: int = 1
+    log_every: int = 10
+    val_every: int = 200  # steps between validations (0 = only at the end)
+    val_batches: int = 4  # batches per periodic validation (the final one uses all)
+    ckpt_every: int = 100
+    keep_last: int = 2
+    deterministic: bool = False
+    progress: str = "tqdm"  # tqdm | rich | none
+    threads: int = 0  # torch intra-op threads per process (0 = torch default)
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "csv"  # csv | wandb | none
+    project: str = "glmtrain"
+    entity: str = ""
+    mode: str = "offline"  # wandb: offline | online
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalConfig:
+    baselines: list[int] = field(default_factory=lambda: [0, 2])  # Markov orders fit on the training windows
+    final: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: Any = None  # validated against the family's own dataclass
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 1234
+    name: str = "default"
+    run_dir: str = "runs/default"
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.split.kind": ("records", "fraction"),
+    "data.softmask": ("upper", "keep", "weight"),
+    "objective.name": ("clm", "mlm"),
+    "strategy.name": ("auto", "ddp", "ddp_spawn"),
+    "strategy.backend": ("auto", "gloo", "nccl"),
+    "optim.schedule": ("cosine", "constant"),
+    "trainer.precision": ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"),
+    "trainer.accelerator": ("auto", "cpu", "gpu", "cuda"),
+    "trainer.progress": ("tqdm", "rich", "none"),
+    "logger.kind": ("csv", "wandb", "none"),
+    "logger.mode": ("offline", "online"),
+    "model.tokenizer.kind": ("char", "kmer", "byte"),
+    "model.tokenizer.lowercase": ("upper", "keep", "error"),
+    "model.tokenizer.iupac": ("N", "keep", "error"),
+    "model.tokenizer.unknown": ("error", "unk"),
+}
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _check_keys(node: Any, cls: type, prefix: str) -> None:
+    """Reject unknown keys with the list of allowed ones (OmegaConf's own message is multi-line)."""
+    if not isinstance(node, (dict, DictConfig)):
+        return
+    fields = _fields(cls)
+    hints = typing.get_type_hints(cls)
+    for key in node.keys():
+        if key not in fields:
+            allowed = ", ".join(sorted(fields))
+            raise ConfigError(f"{prefix}{key}: unknown key; allowed keys here are: {allowed}")
+        sub = hints[key]
+        if dataclasses.is_dataclass(sub):
+            _check_keys(node[key], sub, f"{prefix}{key}.")
+        elif typing.get_origin(sub) is list:
+            (item,) = typing.get_args(sub)
+            if dataclasses.is_dataclass(item) and isinstance(node[key], (list, ListConfig)):
+                for i, v in enumerate(node[key]):
+                    _check_keys(v, item, f"{prefix}{key}[{i}].")
+
+
+def _merge(schema_cls: type, node: Any, prefix: str) -> Any:
+    _check_keys(node, schema_cls, prefix)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema_cls), node if node is not None else {})
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{prefix}{key}: {msg}") from None
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: DictConfig | dict) -> RunConfig:
+    """Resolve and validate a composed config; raise :class:`ConfigError` with one line."""
+    if isinstance(cfg, DictConfig):
+        try:
+            raw = OmegaConf.to_container(cfg, resolve=True)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{getattr(e, 'full_key', '?')}: {str(e).splitlines()[0]}") from None
+    else:
+        raw = dict(cfg)
+    raw = dict(raw)
+    model_raw = raw.pop("model", None)
+    raw.pop("hydra", None)
+    if not isinstance(model_raw, dict) or "family" not in model_raw:
+        raise ConfigError(f"model: choose a model (model=<name>); families: {', '.join(family_names())}")
+    family = model_raw["family"]
+    try:
+        cls = config_class(family)
+    except KeyError as e:
+        raise ConfigError(str(e.args[0])) from None
+    run: RunConfig = _merge(RunConfig, raw, "")
+    run.model = _merge(cls, model_raw, "model.")
+    for key, allowed in CHOICES.items():
+        value = _get(run, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r}: allowed values are {', '.join(allowed)}")
+    _check_combinations(run)
+    return run
+
+
+def _check_combinations(run: RunConfig) -> None:
+    from glmtrain.models import model_class
+
+    causal = getattr(run.model, "causal", model_class(run.model.family).causal)
+    obj = run.objective
+    if obj.name == "clm" and not causal:
+        raise ConfigError(
+            f"objective=clm needs a causal model, but model {run.model.name!r} is a bidirectional encoder; "
+            "use objective=mlm or a causal model (model.causal=true)"
+        )
+    if obj.name == "mlm" and causal:
+        raise ConfigError(
+            f"objective=mlm needs a bidirectional encoder, but model {run.model.name!r} is causal; "
+            "use objective=clm or set model.causal=false where the family allows it"
+        )
+    if obj.name == "mlm" and run.model.tokenizer.kind == "byte":
+        raise ConfigError("objective=mlm needs a [MASK] token; model.tokenizer.kind=byte has none (allowed: char, kmer)")
+    for key in ("mask_prob", "mask_token_prob", "random_token_prob"):
+        v = getattr(obj, key)
+        if not 0.0 <= v <= 1.0:
+            raise ConfigError(f"objective.{key}={v}: must lie in [0, 1]")
+    if obj.mask_token_prob + obj.random_token_prob > 1.0 + 1e-9:
+        raise ConfigError("objective.mask_token_prob + objective.random_token_prob must not exceed 1")
+    t = run.trainer
+    for key in ("max_steps", "micro_batch_size", "accumulate", "devices", "num_nodes", "log_every", "ckpt_every"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"trainer.{key}={getattr(t, key)}: must be >= 1")
+    d = run.data
+    if d.window < 2:
+        raise ConfigError(f"data.window={d.window}: must be >= 2")
+    if d.stride < 0 or d.min_length < 0:
+        raise ConfigError("data.stride and data.min_length must be >= 0")
+    if not 0.0 <= d.max_n_fraction <= 1.0:
+        raise ConfigError(f"data.max_n_fraction={d.max_n_fraction}: must lie in [0, 1]")
+    if not 0.0 <= d.rc_prob <= 1.0:
+        raise ConfigError(f"data.rc_prob={d.rc_prob}: must lie in [0, 1]")
+    if not d.sources:
+        raise ConfigError("data.sources: empty; list at least one FASTA source (see conf/data/sample.yaml)")
+    if d.split.kind == "fraction" and not 0.0 < d.split.valid_fraction + d.split.test_fraction < 1.0:
+        raise ConfigError("data.split.valid_fraction + data.split.test_fraction must lie in (0, 1)")
+    if run.strategy.name in ("ddp", "ddp_spawn") and t.devices * t.num_nodes < 2:
+        pass  # DDP on one device is legal (and what SLURM single-task jobs do)
+
+
+def compat_fingerprint(run: RunConfig) -> dict[str, Any]:
+    """The part of a config a checkpoint is bound to: resuming with any of it changed is refused."""
+    model = OmegaConf.to_container(OmegaConf.structured(run.model))
+    model.pop("activation_checkpointing", None)  # a memory knob, not a change of mathematics
+    return {"model": model, "objective": dataclasses.asdict(run.objective)}
+
+
+def to_yaml(run: RunConfig) -> str:
+    node = OmegaConf.structured(run)
+    return OmegaConf.to_yaml(node)

@@ -1,0 +1,101 @@
+"""FASTA access through pyfaidx, with the user-facing checks.
+
+* ``pkg://`` paths point into the installed package (the bundled sample).
+* Plain-gzip FASTA cannot be indexed by pyfaidx: it is decompressed once into a
+  cache directory (atomically, with a message) and read from there.
+* A FASTA in a read-only directory gets its ``.fai`` in the cache directory.
+* Missing, unreadable, empty or malformed files raise :class:`DataInputError`
+  with one line naming the file and what to do.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import sys
+from importlib import resources
+from pathlib import Path
+
+import pyfaidx
+
+
+class DataInputError(ValueError):
+    """Bad input data, phrased as one line naming the culprit and the remedy."""
+
+
+def resolve_path(path: str) -> Path:
+    if path.startswith("pkg://"):
+        rel = path[len("pkg://") :]
+        pkg, _, sub = rel.partition("/")
+        return Path(str(resources.files(pkg))) / sub
+    return Path(os.path.expanduser(path))
+
+
+def default_cache_dir(cache_dir: str = "") -> Path:
+    if cache_dir:
+        return Path(os.path.expanduser(cache_dir))
+    base = os.environ.get("GLMTRAIN_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "glmtrain")
+    return Path(os.path.expanduser(base))
+
+
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
+def _cache_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def _decompress_once(path: Path, cache: Path) -> Path:
+    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    out = cache / f"{Path(name).stem}.{_cache_key(path)}.fa"
+    if out.exists():
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    print(f"glmtrain: {path} is gzip-compressed; decompressing it once into {out}", file=sys.stderr)
+    tmp = out.with_suffix(f".tmp{os.getpid()}")
+    try:
+        with gzip.open(path, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 22)
+        os.replace(tmp, out)
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        tmp.unlink(missing_ok=True)
+        raise DataInputError(f"{path}: cannot decompress ({e}); the file is truncated or not gzip - re-download it") from None
+    return out
+
+
+def open_fasta(path: str, cache_dir: str = "", what: str = "data.sources") -> pyfaidx.Fasta:
+    """Open a FASTA (plain, gzip or bgzip) for random access; ``what`` names the config key in errors."""
+    p = resolve_path(path)
+    if not p.exists():
+        raise DataInputError(f"{what}: FASTA file {p} does not exist; fix the path or download it (see README, 'Data')")
+    if p.is_dir():
+        raise DataInputError(f"{what}: {p} is a directory, not a FASTA file")
+    if not os.access(p, os.R_OK):
+        raise DataInputError(f"{what}: FASTA file {p} is not readable (permissions); fix them with chmod or copy the file")
+    if p.stat().st_size == 0:
+        raise DataInputError(f"{what}: FASTA file {p} is empty; point to a FASTA with at least one sequence record")
+    cache = default_cache_dir(cache_dir)
+    if _is_gzip(p):
+        p = _decompress_once(p, cache)
+    indexname = None
+    if not os.access(p.parent, os.W_OK) and not Path(str(p) + ".fai").exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        indexname = str(cache / f"{p.name}.{_cache_key(p)}.fai")
+    with open(p, "rb") as f:
+        head = f.read(1 << 16).lstrip()
+    if not head.startswith(b">"):
+        raise DataInputError(f"{what}: {path} does not look like FASTA (no '>' header at the start); check the file")
+    try:
+        fa = pyfaidx.Fasta(str(p), indexname=indexname, as_raw=True, sequence_always_upper=False, rebuild=False)
+    except pyfaidx.FastaIndexingError as e:
+        raise DataInputError(f"{what}: cannot index {path}: {str(e).splitlines()[0]}; fix the FASTA (uneven line lengths?)") from None
+    except ValueError as e:  # duplicate record names, among others
+        raise DataInputError(f"{what}: {path}: {str(e).splitlines()[0]}") from None
+    if len(fa.keys()) == 0 or all(len(fa[k]) == 0 for k in fa.keys()):
+        raise DataInputError(f"{what}: FASTA file {path} contains no sequence; point to a FASTA with at least one non-empty record")
+    return fa

@@ -1,0 +1,179 @@
+"""One training run: validated config in, trained model + held-out report out.
+
+Order of events (all of it after :func:`glmtrain.config.validate` succeeded):
+run directory -> resume decision (checkpoint compatibility) -> data -> module ->
+Lightning trainer -> fit (resuming if a checkpoint exists) -> final held-out
+evaluation beside Markov baselines -> ``final.json``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.strategies import DDPStrategy
+
+from glmtrain.baselines import markov_baselines
+from glmtrain.checkpointing import AtomicCheckpointIO, StepCheckpoint, find_resume_checkpoint
+from glmtrain.config import RunConfig, compat_fingerprint, to_yaml
+from glmtrain.data.genome import GenomeDataModule
+from glmtrain.module import GLMModule
+
+
+def _rank() -> int:
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def _say(msg: str) -> None:
+    if _rank() == 0:
+        print(f"glmtrain: {msg}", flush=True)
+
+
+def resolve_accelerator(run: RunConfig) -> str:
+    acc = run.trainer.accelerator
+    if acc == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return "gpu" if acc == "cuda" else acc
+
+
+def resolve_precision(run: RunConfig, accelerator: str) -> str:
+    p = run.trainer.precision
+    if p == "auto":
+        return "bf16-mixed" if accelerator == "gpu" else "32-true"
+    return p
+
+
+def build_strategy(run: RunConfig, accelerator: str):
+    s = run.strategy
+    backend = None if s.backend == "auto" else s.backend
+    if s.name == "auto":
+        return "auto"
+    if s.name in ("ddp", "ddp_spawn"):
+        return DDPStrategy(
+            process_group_backend=backend or ("nccl" if accelerator == "gpu" else "gloo"),
+            find_unused_parameters=s.find_unused_parameters,
+            start_method="spawn" if s.name == "ddp_spawn" else "popen",
+        )
+    raise ValueError(f"strategy.name={s.name!r}")
+
+
+def build_logger(run: RunConfig, run_dir: Path):
+    lg = run.logger
+    if lg.kind == "none":
+        return False
+    if lg.kind == "csv":
+        return CSVLogger(save_dir=str(run_dir), name="logs")  # a new logs/version_N per (re)start: nothing overwritten
+    # wandb: a stable id kept in the run directory so a resumed run continues the same wandb run
+    if lg.mode == "offline":
+        os.environ.setdefault("WANDB_MODE", "offline")
+    id_file = run_dir / "wandb_id.txt"
+    if id_file.exists():
+        run_id = id_file.read_text().strip()
+    else:
+        import wandb.util
+
+        run_id = wandb.util.generate_id()
+        if _rank() == 0:
+            id_file.write_text(run_id)
+    return WandbLogger(project=lg.project, entity=lg.entity or None, save_dir=str(run_dir), id=run_id, resume="allow",
+                       offline=lg.mode == "offline", tags=list(lg.tags), name=run.name)
+
+
+def _set_threads(run: RunConfig, accelerator: str) -> None:
+    if run.trainer.threads > 0:
+        torch.set_num_threads(run.trainer.threads)
+    elif accelerator == "cpu" and run.trainer.devices > 1:
+        # several CPU ranks on one machine: share the cores instead of oversubscribing them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // run.trainer.devices))
+
+
+def train(run: RunConfig) -> dict:
+    t0 = time.perf_counter()
+    run_dir = Path(run.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    resume = find_resume_checkpoint(ckpt_dir, compat_fingerprint(run))  # refuses incompatible runs before any write
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if _rank() == 0:
+        (run_dir / "config.yaml").write_text(to_yaml(run))
+    L.seed_everything(run.seed, workers=True, verbose=False)
+    accelerator = resolve_accelerator(run)
+    _set_threads(run, accelerator)
+
+    module = GLMModule(run)
+    data = GenomeDataModule(run.data, module.tokenizer, run.trainer.micro_batch_size, run.seed)
+    t = run.trainer
+    progress = []
+    if t.progress == "tqdm":
+        progress = [TQDMProgressBar(refresh_rate=max(1, t.log_every // 2))]
+    elif t.progress == "rich":
+        progress = [RichProgressBar()]
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=build_strategy(run, accelerator),
+        precision=resolve_precision(run, accelerator),
+        max_steps=t.max_steps,
+        max_time=dt.timedelta(seconds=t.max_time_s) if t.max_time_s > 0 else None,
+        accumulate_grad_batches=t.accumulate,
+        gradient_clip_val=t.grad_clip or None,
+        log_every_n_steps=t.log_every,
+        val_check_interval=(t.val_every * t.accumulate) if t.val_every else None,
+        check_val_every_n_epoch=None,
+        limit_val_batches=t.val_batches if t.val_every else 0,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        callbacks=[StepCheckpoint(ckpt_dir, t.ckpt_every, t.keep_last), *progress],
+        enable_progress_bar=t.progress != "none",
+        enable_model_summary=False,
+        logger=build_logger(run, run_dir),
+        use_distributed_sampler=False,
+        deterministic=t.deterministic,
+        default_root_dir=str(run_dir),
+        plugins=[AtomicCheckpointIO()],
+    )
+    if resume is not None:
+        _say(f"resuming from {resume}")
+    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+    train_s = time.perf_counter() - t0
+    result = {"steps": trainer.global_step, "train_wall_s": round(train_s, 1), "consumed_samples": module.consumed_samples}
+    if run.eval.final:
+        trainer.limit_val_batches = 1.0
+        trainer.validate(module, datamodule=data, verbose=False)
+        result["val_bits_per_base"] = module.last_val["bits_per_base"]
+        result["val_bases"] = module.last_val["bases"]
+        if trainer.is_global_zero and run.eval.baselines and run.objective.name == "clm":
+            base = markov_baselines(data.sequences("train"), data.sequences("valid"), run.eval.baselines)
+            result["baselines_bits_per_base"] = {f"order{k}": v for k, v in base.items()}
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
+    metrics = trainer.callback_metrics
+    if "tok_s" in metrics:
+        result["tok_s_last"] = float(metrics["tok_s"])
+    if trainer.is_global_zero:
+        (run_dir / "final.json").write_text(json.dumps(result, indent=2) + "\n")
+        report(run, result)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return result
+
+
+def report(run: RunConfig, result: dict) -> None:
+    metric = "held-out bits/base" if run.objective.name == "clm" else "held-out masked bits/base"
+    lines = [f"\n{metric} ({run.run_dir}, step {result['steps']}, {result.get('val_bases', 0):.0f} bases scored):"]
+    if "val_bits_per_base" in result:
+        lines.append(f"  {run.model.name:<28} {result['val_bits_per_base']:.4f}")
+    for name, v in result.get("baselines_bits_per_base", {}).items():
+        lines.append(f"  {'Markov ' + name + ' baseline':<28} {v:.4f}")
+    lines.append(f"  wall time {result['wall_s']:.1f} s" + (f", last tokens/s {result['tok_s_last']:.0f}" if "tok_s_last" in result else ""))
+    print("\n".join(lines), file=sys.stdout, flush=True)
