@@ -118,8 +118,9 @@ def find_resume_checkpoint(ckpt_dir: Path, fingerprint: dict) -> Path | None:
 class StepCheckpoint(L.Callback):
     """Save every ``every`` optimizer steps and at the end of training; keep the last ``keep_last``."""
 
-    def __init__(self, ckpt_dir: Path, every: int, keep_last: int):
+    def __init__(self, ckpt_dir: Path, every: int, keep_last: int, stop_at_step: int = 0):
         self.dir, self.every, self.keep_last = Path(ckpt_dir), every, keep_last
+        self.stop_at_step = stop_at_step
         self._last_saved = -1
 
     def _save(self, trainer: L.Trainer) -> None:
@@ -133,8 +134,13 @@ class StepCheckpoint(L.Callback):
                 old.unlink(missing_ok=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0 and trainer.global_step % self.every == 0:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # mid-accumulation: not a step boundary
+        if trainer.global_step % self.every == 0:
             self._save(trainer)
+        if self.stop_at_step and trainer.global_step >= self.stop_at_step:
+            self._save(trainer)
+            trainer.should_stop = True
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._save(trainer)

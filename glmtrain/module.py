@@ -75,6 +75,9 @@ class GLMModule(L.LightningModule):
         self.consumed_samples = 0  # global samples consumed; the data stream's resume position
         self._t_last: float | None = None
         self._tokens_since = 0
+        # run-average throughput (all ranks' tokens; first step excluded as warm-up)
+        self.train_tokens_timed = 0
+        self.train_seconds_timed = 0.0
         self._val: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ helpers
@@ -110,6 +113,8 @@ class GLMModule(L.LightningModule):
         if self._t_last is not None and now > self._t_last:
             tok_s = self._tokens_since / (now - self._t_last)
             self.log("tok_s", tok_s, prog_bar=True, on_step=True, batch_size=1, reduce_fx="max")
+            self.train_tokens_timed += self._tokens_since
+            self.train_seconds_timed += now - self._t_last
         self._t_last, self._tokens_since = now, 0
         sched = self.lr_schedulers()
         if sched is not None:

@@ -81,9 +81,9 @@ def build_logger(run: RunConfig, run_dir: Path):
     if id_file.exists():
         run_id = id_file.read_text().strip()
     else:
-        import wandb.util
+        import uuid
 
-        run_id = wandb.util.generate_id()
+        run_id = uuid.uuid4().hex[:12]
         if _rank() == 0:
             id_file.write_text(run_id)
     return WandbLogger(project=lg.project, entity=lg.entity or None, save_dir=str(run_dir), id=run_id, resume="allow",
@@ -134,7 +134,7 @@ def train(run: RunConfig) -> dict:
         limit_val_batches=t.val_batches if t.val_every else 0,
         num_sanity_val_steps=0,
         enable_checkpointing=False,
-        callbacks=[StepCheckpoint(ckpt_dir, t.ckpt_every, t.keep_last), *progress],
+        callbacks=[StepCheckpoint(ckpt_dir, t.ckpt_every, t.keep_last, t.stop_at_step), *progress],
         enable_progress_bar=t.progress != "none",
         enable_model_summary=False,
         logger=build_logger(run, run_dir),
@@ -145,7 +145,7 @@ def train(run: RunConfig) -> dict:
     )
     if resume is not None:
         _say(f"resuming from {resume}")
-    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None, weights_only=False)
     train_s = time.perf_counter() - t0
     result = {"steps": trainer.global_step, "train_wall_s": round(train_s, 1), "consumed_samples": module.consumed_samples}
     if run.eval.final:
@@ -157,9 +157,8 @@ def train(run: RunConfig) -> dict:
             base = markov_baselines(data.sequences("train"), data.sequences("valid"), run.eval.baselines)
             result["baselines_bits_per_base"] = {f"order{k}": v for k, v in base.items()}
     result["wall_s"] = round(time.perf_counter() - t0, 1)
-    metrics = trainer.callback_metrics
-    if "tok_s" in metrics:
-        result["tok_s_last"] = float(metrics["tok_s"])
+    if module.train_tokens_timed:
+        result["train_tok_s"] = round(module.train_tokens_timed / module.train_seconds_timed, 1)
     if trainer.is_global_zero:
         (run_dir / "final.json").write_text(json.dumps(result, indent=2) + "\n")
         report(run, result)
@@ -175,5 +174,5 @@ def report(run: RunConfig, result: dict) -> None:
         lines.append(f"  {run.model.name:<28} {result['val_bits_per_base']:.4f}")
     for name, v in result.get("baselines_bits_per_base", {}).items():
         lines.append(f"  {'Markov ' + name + ' baseline':<28} {v:.4f}")
-    lines.append(f"  wall time {result['wall_s']:.1f} s" + (f", last tokens/s {result['tok_s_last']:.0f}" if "tok_s_last" in result else ""))
+    lines.append(f"  wall time {result['wall_s']:.1f} s" + (f", training {result['train_tok_s']:.0f} tokens/s" if "train_tok_s" in result else ""))
     print("\n".join(lines), file=sys.stdout, flush=True)

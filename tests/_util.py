@@ -1,0 +1,33 @@
+"""Shared test helpers: compose configs in-process, run the CLI as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from glmtrain.cli import CONF_DIR
+from glmtrain.config import RunConfig, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+def compose_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return compose("config", overrides=["name=test", *overrides])
+
+
+def compose_run(overrides: list[str]) -> RunConfig:
+    return validate(compose_cfg(overrides))
+
+
+def run_cli(args: list[str], timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    e = dict(os.environ)
+    e.setdefault("PYTHONUNBUFFERED", "1")
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "glmtrain", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=e)
