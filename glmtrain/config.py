@@ -94,6 +94,9 @@ class OptimConfig:
 class TrainerConfig:
     max_steps: int = 400
     max_time_s: float = 0.0  # stop early after this wall time (0 = no limit)
+    # Stop (with a checkpoint) after this optimizer step without changing the schedule, which
+    # stays defined by max_steps: train a long run in chunks; rerun the command to continue (0 = off).
+    stop_at_step: int = 0
     micro_batch_size: int = 16
     accumulate: int = 1
     grad_clip: float = 1.0
