@@ -24,7 +24,10 @@ from lightning.pytorch.strategies import DDPStrategy
 from glmtrain.baselines import markov_baselines
 from glmtrain.checkpointing import AtomicCheckpointIO, StepCheckpoint, find_resume_checkpoint
 from glmtrain.config import RunConfig, compat_fingerprint, to_yaml
+from glmtrain.checkpointing import check_state_shapes, load_weights, step_path
+from glmtrain.cluster import FLAG, Preemption, cluster_environment
 from glmtrain.data.genome import GenomeDataModule
+from glmtrain.faults import NonFiniteGuard, NumericalFault
 from glmtrain.module import GLMModule
 
 
@@ -100,6 +103,7 @@ def _set_threads(run: RunConfig, accelerator: str) -> None:
 
 def train(run: RunConfig) -> dict:
     t0 = time.perf_counter()
+    FLAG.install(run.trainer.signals)  # from here on a preemption signal only sets a flag (glmtrain.cluster)
     run_dir = Path(run.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     resume = find_resume_checkpoint(ckpt_dir, compat_fingerprint(run))  # refuses incompatible runs before any write
@@ -111,6 +115,11 @@ def train(run: RunConfig) -> dict:
     _set_threads(run, accelerator)
 
     module = GLMModule(run)
+    if resume is not None:
+        check_state_shapes(resume, module)  # one line naming the first mismatching tensor
+    elif run.trainer.init_from:
+        load_weights(run.trainer.init_from, module, say=_say)
+    cluster_env = cluster_environment()  # srun/sbatch: SLURMEnvironment(auto_requeue=False); torchrun: TorchElastic
     data = GenomeDataModule(run.data, module.tokenizer, run.trainer.micro_batch_size, run.seed)
     t = run.trainer
     progress = []
@@ -141,16 +150,33 @@ def train(run: RunConfig) -> dict:
         use_distributed_sampler=False,
         deterministic=t.deterministic,
         default_root_dir=str(run_dir),
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO()] + ([cluster_env] if cluster_env is not None else []),
     )
+    # preemption and numerical-fault handling, after StepCheckpoint so that they reuse its (deduplicated) save
+    ckpt_cb = next(c for c in trainer.callbacks if isinstance(c, StepCheckpoint))
+    preempt = Preemption(t.signals, ckpt_cb._save)
+    guard = NonFiniteGuard(t.nonfinite, t.nonfinite_max_consecutive, save=ckpt_cb._save,
+                           check_grads=trainer.precision not in ("16-mixed", "16"))
+    trainer.callbacks.extend([guard, preempt])
     if resume is not None:
         _say(f"resuming from {resume}")
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None, weights_only=False)
+    if guard.fault or preempt.triggered:  # interrupted: no final evaluation, no final.json
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        if guard.fault:
+            raise NumericalFault(f"{guard.fault}; training stopped (trainer.nonfinite={t.nonfinite}); "
+                                 f"{step_path(ckpt_dir, trainer.global_step)} holds the weights from before the fault")
+        requeued = preempt.finish(trainer)  # rank 0, under SLURM, action requeue: `scontrol requeue`
+        if not requeued:
+            _say(f"stopped on {preempt.signal_name} at step {trainer.global_step}; rerun the same command to resume")
+        FLAG.uninstall()
+        return {"steps": trainer.global_step, "interrupted": preempt.signal_name, "requeued": requeued}
     train_s = time.perf_counter() - t0
     result = {"steps": trainer.global_step, "train_wall_s": round(train_s, 1), "consumed_samples": module.consumed_samples}
     if run.eval.final:
         trainer.limit_val_batches = 1.0
-        trainer.validate(module, datamodule=data, verbose=False)
+        trainer.validate(module, datamodule=data, verbose=False, weights_only=False)
         result["val_bits_per_base"] = module.last_val["bits_per_base"]
         result["val_bases"] = module.last_val["bases"]
         if trainer.is_global_zero and run.eval.baselines and run.objective.name == "clm":
@@ -162,6 +188,7 @@ def train(run: RunConfig) -> dict:
     if trainer.is_global_zero:
         (run_dir / "final.json").write_text(json.dumps(result, indent=2) + "\n")
         report(run, result)
+    FLAG.uninstall()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return result
