@@ -26,22 +26,25 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------- data
 @dataclass
 class SourceConfig:
-    path: str = "???"
-    species: str = ""
-    weight: float = 1.0
+    path: str = "???"  # FASTA: plain, gzip or bgzip; "pkg://" points into the installed package
+    species: str = ""  # "" = source<i>
+    weight: float = 1.0  # relative sampling weight of this source in the training mix (0 = held-out use only)
     # Only these records (empty = all). Names as in the FASTA header's first word.
     records: list[str] = field(default_factory=list)
 
 
 @dataclass
 class SplitConfig:
-    kind: str = "records"  # records | fraction
+    kind: str = "records"  # records | fraction | bed
     # records: records (per species: "species:record" or bare record names) held out
     valid_records: list[str] = field(default_factory=list)
     test_records: list[str] = field(default_factory=list)
     # fraction: the last valid_fraction (and test_fraction) of every record
     valid_fraction: float = 0.1
     test_fraction: float = 0.0
+    # bed: "chrom start end split" intervals (Basenji/Enformer, HyenaDNA); bases outside them are unused
+    bed: str = ""
+    bed_species: str = ""  # the species whose records the bed names ("" = every source)
 
 
 @dataclass
@@ -50,15 +53,25 @@ class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
     split: SplitConfig = field(default_factory=SplitConfig)
     window: int = 1024  # bases per training window
-    stride: int = 0  # 0 = window (no overlap)
+    stride: int = 0  # 0 = window (no overlap); held-out windows never overlap
     min_length: int = 0  # 0 = window; shorter tails are padded (and excluded from the loss)
-    max_n_fraction: float = 0.1  # drop windows with more N than this
+    max_n_fraction: float = 0.1  # drop windows with more N (non-ACGT) than this
     softmask: str = "upper"  # upper | keep | weight
     softmask_weight: float = 0.1  # loss weight of lowercase bases when softmask=weight
     rc_prob: float = 0.0  # reverse-complement augmentation probability at stream time
+    rc_offline: bool = False  # also store the reverse complement of every training window at build time
     max_val_windows: int = 256  # held-out windows evaluated (evenly spaced); 0 = all
-    num_workers: int = 1
-    cache_dir: str = ""  # where plain-gzip FASTA is decompressed ("" = ~/.cache/glmtrain)
+    num_workers: int = 1  # DataLoader worker processes per rank
+    cache_dir: str = ""  # decompressed FASTA, indexes, auto-built shards ("" = $GLMTRAIN_CACHE or ~/.cache/glmtrain)
+    format: str = "shards"  # shards (webdataset tar shards, built once) | memory (windows cut in RAM each run)
+    shards: str = ""  # directory built by `python -m glmtrain.data build`; "" = build into cache_dir on first use
+    shard_mb: float = 64.0  # target shard size (MB)
+    build_workers: int = 0  # shard-build processes (0 = min(cpus, shards, 8))
+    shuffle_shards: int = 8  # shuffle block: samples of this many consecutive shards are permuted together; 0 = whole epoch
+    resample: bool = False  # endless resampled mode: every pass draws shards with replacement (weighted by size)
+    mix_block: int = 4096  # multispecies mix: exact weight quotas within every block of this many samples
+    on_corrupt: str = "error"  # error | skip (count, log and leave out corrupt shards/samples)
+    verify: str = "size"  # shard check when a run opens them: size | sha256
 
 
 # ------------------------------------------------------------------------ objective
@@ -145,8 +158,11 @@ class RunConfig:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.split.kind": ("records", "fraction"),
+    "data.split.kind": ("records", "fraction", "bed"),
     "data.softmask": ("upper", "keep", "weight"),
+    "data.format": ("shards", "memory"),
+    "data.on_corrupt": ("error", "skip"),
+    "data.verify": ("size", "sha256"),
     "objective.name": ("clm", "mlm"),
     "strategy.name": ("auto", "ddp", "ddp_spawn"),
     "strategy.backend": ("auto", "gloo", "nccl"),
@@ -260,21 +276,59 @@ def _check_combinations(run: RunConfig) -> None:
     for key in ("max_steps", "micro_batch_size", "accumulate", "devices", "num_nodes", "log_every", "ckpt_every"):
         if getattr(t, key) < 1:
             raise ConfigError(f"trainer.{key}={getattr(t, key)}: must be >= 1")
-    d = run.data
+    _check_data(run.data)
+    if run.strategy.name in ("ddp", "ddp_spawn") and t.devices * t.num_nodes < 2:
+        pass  # DDP on one device is legal (and what SLURM single-task jobs do)
+
+
+def _check_data(d: DataConfig) -> None:
     if d.window < 2:
         raise ConfigError(f"data.window={d.window}: must be >= 2")
     if d.stride < 0 or d.min_length < 0:
         raise ConfigError("data.stride and data.min_length must be >= 0")
+    if d.min_length > d.window:
+        raise ConfigError(f"data.min_length={d.min_length}: must not exceed data.window={d.window}")
     if not 0.0 <= d.max_n_fraction <= 1.0:
         raise ConfigError(f"data.max_n_fraction={d.max_n_fraction}: must lie in [0, 1]")
     if not 0.0 <= d.rc_prob <= 1.0:
         raise ConfigError(f"data.rc_prob={d.rc_prob}: must lie in [0, 1]")
+    if not 0.0 <= d.softmask_weight <= 1.0:
+        raise ConfigError(f"data.softmask_weight={d.softmask_weight}: must lie in [0, 1]")
     if not d.sources:
         raise ConfigError("data.sources: empty; list at least one FASTA source (see conf/data/sample.yaml)")
+    for i, src in enumerate(d.sources):
+        if src.weight < 0:
+            raise ConfigError(f"data.sources[{i}].weight={src.weight}: must be >= 0")
+    if not any(src.weight > 0 for src in d.sources):
+        raise ConfigError("data.sources: every weight is 0; give at least one source a positive weight")
     if d.split.kind == "fraction" and not 0.0 < d.split.valid_fraction + d.split.test_fraction < 1.0:
         raise ConfigError("data.split.valid_fraction + data.split.test_fraction must lie in (0, 1)")
-    if run.strategy.name in ("ddp", "ddp_spawn") and t.devices * t.num_nodes < 2:
-        pass  # DDP on one device is legal (and what SLURM single-task jobs do)
+    if d.split.kind == "bed" and not d.split.bed:
+        raise ConfigError("data.split.kind=bed needs data.split.bed=<path of a 'chrom start end split' file>")
+    if d.shard_mb <= 0:
+        raise ConfigError(f"data.shard_mb={d.shard_mb}: must be > 0")
+    for key in ("shuffle_shards", "build_workers", "num_workers", "max_val_windows"):
+        if getattr(d, key) < 0:
+            raise ConfigError(f"data.{key}={getattr(d, key)}: must be >= 0")
+    if d.mix_block < 16:
+        raise ConfigError(f"data.mix_block={d.mix_block}: must be >= 16")
+
+
+def validate_data(node: Any) -> DataConfig:
+    """Validate only the ``data`` group (used by ``python -m glmtrain.data``)."""
+    if isinstance(node, DictConfig):
+        try:
+            node = OmegaConf.to_container(node, resolve=True)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"data.{getattr(e, 'full_key', '?')}: {str(e).splitlines()[0]}") from None
+    d: DataConfig = _merge(DataConfig, node, "data.")
+    for key, allowed in CHOICES.items():
+        if key.startswith("data."):
+            value = _get(d, key[len("data."):])
+            if value not in allowed:
+                raise ConfigError(f"{key}={value!r}: allowed values are {', '.join(allowed)}")
+    _check_data(d)
+    return d
 
 
 def compat_fingerprint(run: RunConfig) -> dict[str, Any]:

@@ -5,7 +5,11 @@
   cache directory (atomically, with a message) and read from there.
 * A FASTA in a read-only directory gets its ``.fai`` in the cache directory.
 * Missing, unreadable, empty or malformed files raise :class:`DataInputError`
-  with one line naming the file and what to do.
+  with one line naming the file and what to do; so do duplicate record names
+  and (:func:`check_iupac`) characters that are not IUPAC nucleotide codes.
+  CRLF line endings are accepted (pyfaidx strips the carriage returns).
+* bgzip files are decompressed like plain gzip (pyfaidx would need Biopython
+  for BGZF random access, which glmtrain does not depend on).
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+import json
+import time
+
+import numpy as np
 import pyfaidx
 
 
@@ -45,6 +53,57 @@ def _is_gzip(path: Path) -> bool:
         return f.read(2) == b"\x1f\x8b"
 
 
+def _is_bgzip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(18)
+    # gzip with FEXTRA and the 'BC' subfield (SAM/BAM spec, BGZF)
+    return len(head) == 18 and head[:2] == b"\x1f\x8b" and head[3] & 4 and head[12:14] == b"BC"
+
+
+# IUPAC nucleotide codes, either case: everything else in a sequence line is an input error
+IUPAC_OK = np.zeros(256, dtype=bool)
+IUPAC_OK[list(b"ACGTNRYKMSWBDHVacgtnrykmswbdhv")] = True
+
+
+def check_iupac(seq: np.ndarray, path: str, record: str, offset: int, what: str = "data.sources") -> None:
+    """Raise one line naming file, record and 0-based offset of the first non-IUPAC character."""
+    bad = ~IUPAC_OK[seq]
+    if bad.any():
+        pos = int(np.flatnonzero(bad)[0])
+        ch = chr(int(seq[pos]))
+        raise DataInputError(
+            f"{path}: record {record!r}, offset {offset + pos}: character {ch!r} is not a IUPAC nucleotide code "
+            f"(allowed: ACGTN RYKMSWBDHV, either case); fix the FASTA or leave the record out via {what}.records"
+        )
+
+
+def file_sha256(path: Path, cache_dir: str = "") -> str:
+    """sha256 of a file, remembered in the cache by (path, size, mtime) so big genomes are hashed once."""
+    path = Path(path)
+    st = path.stat()
+    memo = default_cache_dir(cache_dir) / "sha256" / f"{_cache_key(path)}.json"
+    try:
+        rec = json.loads(memo.read_text())
+        if rec.get("size") == st.st_size and rec.get("mtime_ns") == st.st_mtime_ns:
+            return rec["sha256"]
+    except (OSError, ValueError, KeyError):
+        pass
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    digest = h.hexdigest()
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f"{memo.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                   "sha256": digest, "at": time.time()}))
+        os.replace(tmp, memo)
+    except OSError:
+        pass  # a read-only cache only costs a re-hash next time
+    return digest
+
+
 def _cache_key(path: Path) -> str:
     st = path.stat()
     return hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
@@ -56,7 +115,9 @@ def _decompress_once(path: Path, cache: Path) -> Path:
     if out.exists():
         return out
     cache.mkdir(parents=True, exist_ok=True)
-    print(f"glmtrain: {path} is gzip-compressed; decompressing it once into {out}", file=sys.stderr)
+    kind = "bgzip" if _is_bgzip(path) else "gzip"
+    print(f"glmtrain: {path} is {kind}-compressed (pyfaidx needs random access); decompressing it once into {out}",
+          file=sys.stderr, flush=True)
     tmp = out.with_suffix(f".tmp{os.getpid()}")
     try:
         with gzip.open(path, "rb") as src, open(tmp, "wb") as dst:
@@ -95,7 +156,12 @@ def open_fasta(path: str, cache_dir: str = "", what: str = "data.sources") -> py
     except pyfaidx.FastaIndexingError as e:
         raise DataInputError(f"{what}: cannot index {path}: {str(e).splitlines()[0]}; fix the FASTA (uneven line lengths?)") from None
     except ValueError as e:  # duplicate record names, among others
-        raise DataInputError(f"{what}: {path}: {str(e).splitlines()[0]}") from None
+        msg = str(e).splitlines()[0]
+        if msg.startswith("Duplicate key"):
+            name = msg.split('"')[1] if '"' in msg else msg
+            raise DataInputError(f"{what}: {path}: duplicate record name {name!r}; record names (the header's first "
+                                 "word) must be unique - rename or remove one") from None
+        raise DataInputError(f"{what}: {path}: {msg}") from None
     if len(fa.keys()) == 0 or all(len(fa[k]) == 0 for k in fa.keys()):
         raise DataInputError(f"{what}: FASTA file {path} contains no sequence; point to a FASTA with at least one non-empty record")
     return fa

@@ -1,251 +1,196 @@
-"""In-memory genome windows with an index-based, exactly resumable sample order.
+"""Genome data for training: stores (shards or memory), the resumable stream, and Lightning glue.
 
-For corpora that fit in memory (the bundled sample, test genomes, bacterial and
-small eukaryotic genomes).  Order of samples is a pure function of
-``(seed, global sample index)``: epoch ``e`` visits the training windows in the
-permutation ``rng(seed, e)``; global sample ``g`` is window ``perm_e[g mod n]``.
-Each optimizer micro-step consumes ``world * micro_batch`` consecutive global
-indices, rank ``r`` taking the ``r``-th slice.  The only resume state is the
-number of consumed samples (Megatron's convention), so a resumed run sees
-exactly the samples the uninterrupted run sees, for any number of dataloader
-workers, and a change of world size at constant global batch stays exact.
+* ``data.format=shards`` (default): windowed webdataset shards built once by
+  ``python -m glmtrain.data build`` (``data.shards=<dir>``) or, when
+  ``data.shards`` is empty, automatically on first use into
+  ``<cache_dir>/shards/<name>-<digest>`` (a file lock lets one rank build while
+  the others wait).
+* ``data.format=memory``: the same plan, windows and units cut from FASTA in RAM
+  every run - no disk writes; the sample order is identical to ``shards``.
+
+The training order is index-based (see :mod:`glmtrain.data.stream`): the
+LightningModule's ``consumed_samples`` is the whole resume position.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator
+import os
+import sys
+from pathlib import Path
 
 import lightning as L
 import numpy as np
+import pyfaidx
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
 from glmtrain.config import DataConfig
-from glmtrain.data.fasta import DataInputError, open_fasta
-from glmtrain.tokenizers import Tokenizer, TokenizerError
+from glmtrain.data.fasta import DataInputError, default_cache_dir, resolve_path
+from glmtrain.data.plan import SPLITS, Plan, make_plan, policy, unit_windows
+from glmtrain.data.shards import COMP, ShardStore, build_shards, dir_lock, first_difference
+from glmtrain.data.stream import (EvalSamples, ResumableBatchSampler, TrainOrder, TrainSamples, WindowEncoder,
+                                  eval_rows)
+from glmtrain.tokenizers import Tokenizer
 
-_COMP = np.zeros(256, dtype=np.uint8)
-for _a, _b in zip(b"ACGTNRYKMSWBDHVacgtnrykmswbdhv", b"TGCANYRMKSWVHDBtgcanyrmkswvhdb"):
-    _COMP[_a] = _b
-_ACGT = np.zeros(256, dtype=bool)
-_ACGT[list(b"ACGTacgt")] = True
-_LOWER = np.zeros(256, dtype=bool)
-_LOWER[list(range(ord("a"), ord("z") + 1))] = True
+__all__ = ["DataInputError", "GenomeDataModule", "MemoryStore", "open_store"]
 
 
-@dataclass(frozen=True)
-class Region:
-    species: str
-    record: str
-    start: int
-    end: int
-    split: str  # train | valid | test
+class MemoryStore:
+    """The plan's windows held in memory (records as uint8 arrays + per-unit window tables)."""
+
+    kind = "memory"
+
+    def __init__(self, plan: Plan):
+        self.plan, self.digest = plan, plan.digest
+        self.records = [(r.species, r.name) for r in plan.records]
+        used = sorted({plan.regions[gi].record for us in plan.units.values() for u in us for gi, _, _ in u.segments})
+        self.seqs: dict[int, np.ndarray] = {}
+        by_source: dict[int, list[int]] = {}
+        for rec in used:
+            by_source.setdefault(plan.records[rec].source, []).append(rec)
+        for src, recs in by_source.items():
+            s = plan.sources[src]
+            fa = pyfaidx.Fasta(s.fasta, indexname=s.fai, as_raw=True, sequence_always_upper=False, rebuild=False)
+            try:
+                for rec in recs:
+                    self.seqs[rec] = np.frombuffer(fa[plan.records[rec].name][:].encode("latin-1"), dtype=np.uint8)
+            finally:
+                fa.close()
+        fetch = lambda rec, a, b: self.seqs[rec][a:b]  # noqa: E731
+        self._units: dict[str, list[tuple[str, int, np.ndarray]]] = {}
+        for split in SPLITS:
+            strands = plan.strands(split)
+            out = []
+            for u in plan.units[split]:
+                parts = []
+                for rec, starts, ends, _, _ in unit_windows(plan, u, fetch):
+                    n, k = len(starts), len(strands)  # offline RC: '+' then '-' per window, as in the shards
+                    t = np.empty((n, k, 4), dtype=np.int64)
+                    t[:, :, 0], t[:, :, 1], t[:, :, 2], t[:, :, 3] = rec, starts[:, None], ends[:, None], np.arange(k)
+                    parts.append(t.reshape(n * k, 4))
+                tab = np.concatenate(parts) if parts else np.zeros((0, 4), dtype=np.int64)
+                out.append((u.name, u.source, tab))
+            self._units[split] = out
+
+    def units(self, split: str) -> list[tuple[str, int, int]]:
+        return [(name, src, len(tab)) for name, src, tab in self._units[split]]
+
+    def record(self, rec: int) -> tuple[str, str]:
+        return self.records[rec]
+
+    def read(self, split: str, u: int, i: int):
+        rec, s, e, minus = self._units[split][u][2][i].tolist()
+        raw = self.seqs[rec][s:e]
+        return (COMP[raw[::-1]] if minus else raw), rec, s, e, ("-" if minus else "+")
 
 
-class Corpus:
-    """Records of all sources held in memory as uint8 arrays, split into regions."""
-
-    def __init__(self, cfg: DataConfig):
-        self.cfg = cfg
-        self.seqs: dict[tuple[str, str], np.ndarray] = {}
-        self.regions: list[Region] = []
-        split = cfg.split
-        held_valid, held_test = set(split.valid_records), set(split.test_records)
-        for i, src in enumerate(cfg.sources):
-            species = src.species or f"source{i}"
-            fa = open_fasta(src.path, cfg.cache_dir, what=f"data.sources[{i}].path")
-            names = list(src.records) or list(fa.keys())
-            for name in names:
-                if name not in fa:
-                    raise DataInputError(f"data.sources[{i}].records: record {name!r} is not in {src.path} (it has: {', '.join(list(fa.keys())[:10])})")
-                seq = np.frombuffer(str(fa[name][:]).encode("latin-1"), dtype=np.uint8)
-                if len(seq) == 0:
-                    raise DataInputError(f"data.sources[{i}].path: record {name!r} of {src.path} is empty; remove it or list only non-empty records")
-                self.seqs[(species, name)] = seq
-                n = len(seq)
-                if split.kind == "records":
-                    tag = "valid" if (name in held_valid or f"{species}:{name}" in held_valid) else (
-                        "test" if (name in held_test or f"{species}:{name}" in held_test) else "train")
-                    self.regions.append(Region(species, name, 0, n, tag))
-                else:  # fraction: the tail of every record is held out
-                    n_test = int(n * split.test_fraction)
-                    n_valid = int(n * split.valid_fraction)
-                    cut_v, cut_t = n - n_valid - n_test, n - n_test
-                    self.regions.append(Region(species, name, 0, cut_v, "train"))
-                    if n_valid:
-                        self.regions.append(Region(species, name, cut_v, cut_t, "valid"))
-                    if n_test:
-                        self.regions.append(Region(species, name, cut_t, n, "test"))
-            fa.close()
-        for tag in ("train", "valid"):
-            if not any(r.split == tag for r in self.regions):
-                raise DataInputError(f"data.split: no {tag} region; check data.split.valid_records / valid_fraction against the records in data.sources")
-
-    def windows(self, split: str, stride: int | None = None) -> np.ndarray:
-        """[n, 3] int64 rows (region index, start, end) of windows passing the N filter."""
-        cfg = self.cfg
-        w = cfg.window
-        stride = stride or cfg.stride or w
-        min_len = cfg.min_length or w
-        rows = []
-        for ri, r in enumerate(self.regions):
-            if r.split != split:
-                continue
-            seq = self.seqs[(r.species, r.record)]
-            is_n = ~_ACGT[seq[r.start : r.end]]
-            csum = np.concatenate(([0], np.cumsum(is_n)))
-            starts = np.arange(0, max(r.end - r.start - min_len + 1, 0), stride)
-            if len(starts) == 0:
-                continue
-            ends = np.minimum(starts + w, r.end - r.start)
-            keep = (csum[ends] - csum[starts]) <= cfg.max_n_fraction * (ends - starts)
-            rows.append(np.stack([np.full(keep.sum(), ri), starts[keep] + r.start, ends[keep] + r.start], axis=1))
-        if not rows:
-            return np.zeros((0, 3), dtype=np.int64)
-        return np.concatenate(rows).astype(np.int64)
-
-    def window_bytes(self, row: np.ndarray) -> np.ndarray:
-        r = self.regions[int(row[0])]
-        return self.seqs[(r.species, r.record)][int(row[1]) : int(row[2])]
+def auto_shard_dir(cfg: DataConfig, plan: Plan) -> Path:
+    return default_cache_dir(cfg.cache_dir) / "shards" / f"{cfg.name}-{plan.digest[:16]}"
 
 
-class WindowEncoder:
-    """Bytes of a window -> (token ids, loss weights) under the data policies."""
-
-    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer):
-        self.cfg, self.tok = cfg, tokenizer
-        self.per_base = tokenizer.name in ("char", "byte")
-        if cfg.softmask == "weight" and not self.per_base:
-            raise DataInputError(f"data.softmask=weight needs a one-token-per-base tokenizer; {tokenizer.name} is not (use upper)")
-        self.length = tokenizer.token_length(cfg.window)
-        acgt = np.zeros(tokenizer.vocab_size, dtype=bool)
-        acgt[tokenizer.acgt_ids] = True
-        self._acgt_ids = acgt
-
-    def __call__(self, raw: np.ndarray, reverse: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        if reverse:
-            raw = _COMP[raw[::-1]]
-        lower = _LOWER[raw]
-        if self.cfg.softmask != "keep":
-            raw = np.where(lower, raw - 32, raw).astype(np.uint8)
-        ids = self.tok.encode(raw.tobytes().decode("latin-1"))
-        if self.per_base:
-            w = _ACGT[raw].astype(np.float32)  # N / ambiguous bases carry no loss
-            if self.cfg.softmask == "weight":
-                w[lower] *= self.cfg.softmask_weight
-        else:
-            w = self._acgt_ids[ids].astype(np.float32)
-        out_ids = np.full(self.length, self.tok.pad_id, dtype=np.int64)
-        out_w = np.zeros(self.length, dtype=np.float32)
-        n = min(len(ids), self.length)
-        out_ids[:n], out_w[:n] = ids[:n], w[:n]
-        return out_ids, out_w
+def check_compatible(store: ShardStore, cfg: DataConfig) -> None:
+    """An explicit data.shards directory must match the config's build policies and sources."""
+    built = dict(store.manifest["policies"])
+    built.get("split", {}).pop("bed_sha256", None)
+    diff = first_difference(built, policy(cfg), "data.")
+    if diff is None:
+        have = [s["species"] for s in store.sources]
+        want = [src.species or f"source{i}" for i, src in enumerate(cfg.sources)]
+        if have != want:
+            diff = f"data.sources species were {have}, are {want} now"
+    if diff:
+        raise DataInputError(f"data.shards={store.dir} was built with other settings ({diff}); rebuild the shards "
+                             "with this config (python -m glmtrain.data build ...) or restore the settings")
 
 
-class TrainWindows(Dataset):
-    """Global sample index -> sample, through per-epoch permutations of the windows."""
-
-    def __init__(self, corpus: Corpus, encoder: WindowEncoder, windows: np.ndarray, seed: int, rc_prob: float):
-        if len(windows) == 0:
-            raise DataInputError("data: no training window survives the filters; lower data.window or raise data.max_n_fraction")
-        self.corpus, self.encoder, self.windows = corpus, encoder, windows
-        self.seed, self.rc_prob = seed, rc_prob
-        self._perm: tuple[int, np.ndarray] | None = None
-
-    def __len__(self) -> int:
-        return len(self.windows)
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        if self._perm is None or self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.windows)))
-        return self._perm[1]
-
-    def window_of(self, g: int) -> np.ndarray:
-        n = len(self.windows)
-        return self.windows[self.permutation(g // n)[g % n]]
-
-    def __getitem__(self, g: int) -> dict:
-        row = self.window_of(g)
-        reverse = bool(self.rc_prob) and np.random.default_rng([self.seed, 1, g]).random() < self.rc_prob
-        return _sample(self.corpus, self.encoder, row, reverse, g)
+def open_store(cfg: DataConfig, verbose: bool = True):
+    if cfg.format == "memory":
+        return MemoryStore(make_plan(cfg))
+    if cfg.shards:
+        store = ShardStore(resolve_path(cfg.shards), cfg.on_corrupt, cfg.verify, verbose)
+        check_compatible(store, cfg)
+        return store
+    lock = default_cache_dir(cfg.cache_dir) / "shards" / cfg.name
+    with dir_lock(lock):  # one process plans (decompress, index) and builds; other ranks wait, then reuse
+        plan = make_plan(cfg)
+        out = auto_shard_dir(cfg, plan)
+        try:
+            return ShardStore(out, cfg.on_corrupt, cfg.verify, verbose)
+        except DataInputError as e:
+            if (out / "manifest.json").exists() and verbose:
+                print(f"glmtrain: {e}; rebuilding what is damaged", file=sys.stderr)
+        build_shards(plan, out, cfg.build_workers, verbose=verbose)
+        return ShardStore(out, cfg.on_corrupt, cfg.verify, verbose)
 
 
-class EvalWindows(Dataset):
-    def __init__(self, corpus: Corpus, encoder: WindowEncoder, windows: np.ndarray):
-        self.corpus, self.encoder, self.windows = corpus, encoder, windows
-
-    def __len__(self) -> int:
-        return len(self.windows)
-
-    def __getitem__(self, i: int) -> dict:
-        return _sample(self.corpus, self.encoder, self.windows[i], False, i)
-
-
-def _sample(corpus: Corpus, encoder: WindowEncoder, row: np.ndarray, reverse: bool, index: int) -> dict:
-    r = corpus.regions[int(row[0])]
-    try:
-        ids, w = encoder(corpus.window_bytes(row), reverse)
-    except TokenizerError as e:
-        raise DataInputError(f"{r.species}/{r.record}:{row[1]}-{row[2]}: {e}") from None
-    return {
-        "input_ids": torch.from_numpy(ids),
-        "loss_weight": torch.from_numpy(w),
-        "index": index,
-        "key": f"{r.species}/{r.record}:{int(row[1])}-{int(row[2])}({'-' if reverse else '+'})",
-    }
-
-
-class ResumableBatchSampler(Sampler[list[int]]):
-    """Endless micro-batches of global sample indices for one rank, starting after ``consumed``."""
-
-    def __init__(self, micro_batch: int, rank: int, world: int, consumed: int):
-        if consumed % (micro_batch * world):
-            raise ValueError(
-                f"resume position {consumed} is not a multiple of the global micro-batch {micro_batch}x{world}; "
-                "resume with the micro-batch size and world size the checkpoint was written with"
-            )
-        self.micro, self.rank, self.world, self.consumed = micro_batch, rank, world, consumed
-
-    def __iter__(self) -> Iterator[list[int]]:
-        g = self.consumed
-        while True:
-            base = g + self.rank * self.micro
-            yield list(range(base, base + self.micro))
-            g += self.micro * self.world
-
-
-def subsample_evenly(rows: np.ndarray, k: int) -> np.ndarray:
-    if k <= 0 or len(rows) <= k:
-        return rows
-    return rows[np.linspace(0, len(rows) - 1, k).round().astype(int)]
+def _rank_env() -> int:
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
 
 
 class GenomeDataModule(L.LightningDataModule):
-    """Lightning glue: builds the corpus once per process, hands out resumable loaders."""
+    """Lightning glue: opens the store once per process, hands out index-resumable loaders."""
 
     def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, micro_batch_size: int, seed: int):
         super().__init__()
         self.cfg, self.tok, self.micro, self.seed = cfg, tokenizer, micro_batch_size, seed
-        self.corpus: Corpus | None = None
+        self.store = None
+        self._resume: dict | None = None
 
     def setup(self, stage: str | None = None) -> None:
-        if self.corpus is None:
-            self.corpus = Corpus(self.cfg)
+        if self.store is None:
+            self.store = open_store(self.cfg, verbose=_rank_env() == 0)
             self.encoder = WindowEncoder(self.cfg, self.tok)
-            self.train_rows = self.corpus.windows("train")
-            self.val_rows = subsample_evenly(self.corpus.windows("valid", stride=self.cfg.window), self.cfg.max_val_windows)
-            self.train_set = TrainWindows(self.corpus, self.encoder, self.train_rows, self.seed, self.cfg.rc_prob)
+            self.order = TrainOrder(self.store, self.cfg, self.seed)
+            self.train_set = TrainSamples(self.store, self.order, self.encoder, self.seed, self.cfg.rc_prob)
+            self.val_rows = eval_rows(self.store, "valid", self.cfg.max_val_windows)
+            if len(self.val_rows) == 0:
+                raise DataInputError("data: no validation window survives the filters; lower data.window, raise "
+                                     "data.max_n_fraction or hold out more (data.split)")
 
     def _rank_world(self) -> tuple[int, int]:
         t = self.trainer
-        return (t.global_rank, t.world_size) if t is not None else (0, 1)
+        if t is None:
+            return (0, 1)
+        # data-parallel rank/size: tensor-parallel ranks of one group train on the same samples
+        kw = getattr(t.strategy, "distributed_sampler_kwargs", None) or {}
+        return (kw.get("rank", t.global_rank), kw.get("num_replicas", t.world_size))
 
-    def train_loader(self, consumed: int, rank: int = 0, world: int = 1) -> DataLoader:
+    # ---- resume state beside the module's consumed_samples (checked, never used to reposition)
+    def stream_state(self) -> dict:
         self.setup()
-        sampler = ResumableBatchSampler(self.micro, rank, world, consumed)
-        return DataLoader(self.train_set, batch_sampler=sampler, num_workers=self.cfg.num_workers,
-                          persistent_workers=False, pin_memory=torch.cuda.is_available())
+        _, world = self._rank_world()
+        return {"fingerprint": self.order.fingerprint(), "world_size": world, "micro_batch_size": self.micro}
+
+    def state_dict(self) -> dict:
+        return {"stream": self.stream_state()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resume = state_dict.get("stream")
+
+    def _check_resume(self, consumed: int, world: int) -> str:
+        if not self._resume:
+            return ""
+        diff = first_difference(self._resume.get("fingerprint", {}), self.order.fingerprint(), "stream.")
+        if diff:
+            raise DataInputError(f"the training stream differs from the checkpoint's ({diff}); resuming would silently "
+                                 "reshuffle the samples - restore the data settings or start a new run_dir=...")
+        old_w, old_m = self._resume.get("world_size"), self._resume.get("micro_batch_size")
+        saved = f" (the checkpoint ran {old_w} rank(s) x micro-batch {old_m})"
+        if (old_w, old_m) != (world, self.micro) and consumed % (world * self.micro) == 0 and _rank_env() == 0:
+            print(f"glmtrain: resuming the data stream exactly at sample {consumed} with {world} rank(s) x micro-batch "
+                  f"{self.micro}{saved}", file=sys.stderr, flush=True)
+        return saved
+
+    def train_loader(self, consumed: int, rank: int = 0, world: int = 1, num_workers: int | None = None) -> DataLoader:
+        self.setup()
+        saved = self._check_resume(consumed, world)
+        sampler = ResumableBatchSampler(self.micro, rank, world, consumed, saved)
+        workers = self.cfg.num_workers if num_workers is None else num_workers
+        return DataLoader(self.train_set, batch_sampler=sampler, num_workers=workers, persistent_workers=False,
+                          pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
@@ -253,15 +198,36 @@ class GenomeDataModule(L.LightningDataModule):
         consumed = getattr(module, "consumed_samples", 0)
         return self.train_loader(consumed, rank, world)
 
-    def val_dataloader(self) -> DataLoader:
+    def eval_dataset(self, split: str = "valid", rank: int = 0, world: int = 1) -> EvalSamples:
         self.setup()
-        rank, world = self._rank_world()
-        rows = self.val_rows[rank::world]
-        return DataLoader(EvalWindows(self.corpus, self.encoder, rows), batch_size=self.micro, shuffle=False,
-                          num_workers=0)
+        rows = self.val_rows if split == "valid" else eval_rows(self.store, split, self.cfg.max_val_windows)
+        return EvalSamples(self.store, self.encoder, split, rows[rank::world])
 
-    # plain strings for the Markov baselines (fit on exactly the training windows)
-    def sequences(self, split: str) -> list[np.ndarray]:
+    def val_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world()
+        return DataLoader(self.eval_dataset("valid", rank, world), batch_size=self.micro, shuffle=False, num_workers=0)
+
+    # debugging / tests: GLMTRAIN_DATA_TRACE=<dir> records the keys of every batch a rank trains on
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        trace = os.environ.get("GLMTRAIN_DATA_TRACE")
+        if trace and self.trainer is not None and self.trainer.training and isinstance(batch, dict):
+            path = Path(trace) / f"train.rank{self.trainer.global_rank}.tsv"
+            with open(path, "a") as f:
+                f.writelines(f"{int(i)}\t{k}\n" for i, k in zip(batch["index"], batch["key"]))
+        return batch
+
+    # plain window bases for the Markov baselines (train: evenly spaced, at most max_bases)
+    def sequences(self, split: str, max_bases: int = 8_000_000) -> list[np.ndarray]:
         self.setup()
-        rows = self.train_rows if split == "train" else self.val_rows
-        return [self.corpus.window_bytes(r) for r in rows]
+        if split == "train":
+            rows = eval_rows(self.store, "train", 0)
+            per = max(1, self.cfg.window)
+            rows = rows[np.linspace(0, len(rows) - 1, min(len(rows), max_bases // per)).round().astype(int)] if len(rows) else rows
+        else:
+            rows = self.val_rows if split == "valid" else eval_rows(self.store, split, 0)
+        out = []
+        for u, i in rows:
+            got = self.store.read("train" if split == "train" else split, int(u), int(i))
+            if got is not None:
+                out.append(got[0])
+        return out
