@@ -66,7 +66,7 @@ class DataConfig:
     format: str = "shards"  # shards (webdataset tar shards, built once) | memory (windows cut in RAM each run)
     shards: str = ""  # directory built by `python -m glmtrain.data build`; "" = build into cache_dir on first use
     shard_mb: float = 64.0  # target shard size (MB)
-    build_workers: int = 0  # shard-build processes (0 = min(cpus, shards, 8))
+    build_workers: int = 0  # shard-build processes (0: CLI build min(cpus, shards, 8); auto-build in a run 1)
     shuffle_shards: int = 8  # shuffle block: samples of this many consecutive shards are permuted together; 0 = whole epoch
     resample: bool = False  # endless resampled mode: every pass draws shards with replacement (weighted by size)
     mix_block: int = 4096  # multispecies mix: exact weight quotas within every block of this many samples

@@ -119,7 +119,9 @@ def open_store(cfg: DataConfig, verbose: bool = True):
         except DataInputError as e:
             if (out / "manifest.json").exists() and verbose:
                 print(f"glmtrain: {e}; rebuilding what is damaged", file=sys.stderr)
-        build_shards(plan, out, cfg.build_workers, verbose=verbose)
+        # in a training process build in-process unless asked otherwise (a corpus worth parallel
+        # processes is better built once with `python -m glmtrain.data build`)
+        build_shards(plan, out, cfg.build_workers or 1, verbose=verbose)
         return ShardStore(out, cfg.on_corrupt, cfg.verify, verbose)
 
 

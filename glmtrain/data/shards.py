@@ -30,6 +30,7 @@ import json
 import multiprocessing as mp
 import os
 import sys
+import threading
 import time
 import zlib
 from contextlib import contextmanager
@@ -290,7 +291,10 @@ def build_shards(plan: Plan, out: Path, workers: int = 0, verbose: bool = True) 
                 results = map(_worker_task, [u.name for u in todo])
                 pool = None
             else:
-                ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+                # fork is fast, but forking a process that runs other threads (a DDP rank: gloo, OpenMP)
+                # can leave children deadlocked on inherited locks: spawn there
+                fork_ok = "fork" in mp.get_all_start_methods() and threading.active_count() == 1
+                ctx = mp.get_context("fork" if fork_ok else "spawn")
                 pool = ctx.Pool(n, initializer=_worker_init, initargs=(state, str(out)))
                 results = pool.imap_unordered(_worker_task, [u.name for u in todo])
             try:
@@ -306,9 +310,9 @@ def build_shards(plan: Plan, out: Path, workers: int = 0, verbose: bool = True) 
                 for stale in out.glob(".*.tmp*"):
                     stale.unlink(missing_ok=True)
                 raise
-            finally:
-                if pool is not None:
-                    pool.close()
+            if pool is not None:
+                pool.close()
+                pool.join()
         manifest = _manifest(plan, [done[u.name] for u in all_units])
         manifest["build"] = {"seconds": round(time.perf_counter() - t0, 3), "cpu_seconds": round(cpu, 3),
                              "built": len(todo), "skipped": len(all_units) - len(todo)}
