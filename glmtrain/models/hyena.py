@@ -42,8 +42,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from glmtrain.models.base import GenomicModel, ModelConfig
-from glmtrain.models.layers import GeluMLP
-from glmtrain.models.ops import hyena_gated_conv
+from glmtrain.models.ops import gelu_linear, hyena_gated_conv
 
 
 @dataclass
@@ -82,6 +81,7 @@ class HyenaConfig(ModelConfig):
     filter_chunk: int = 65536  # positions per checkpointed chunk of the filter MLP
     fft_channel_chunk: int = 0  # 0 = automatic
     fused_hyena: bool = True  # fused autograd core (saves memory); False = plain composition
+    mlp_recompute_gelu: bool = True  # recompute the MLP's GELU in backward instead of storing [L, 4d]
 
     def resolved_d_inner(self) -> int:
         return self.d_inner or 4 * self.d_model
@@ -156,17 +156,16 @@ class ImplicitFilter(nn.Module):
         with torch.autocast(device_type=anchor.device.type, enabled=False):
             chunk = self.cfg.filter_chunk or seq_len
             if seq_len <= chunk:
-                h = self._chunk(0, seq_len, anchor)
-            else:
-                parts = []
-                for s in range(0, seq_len, chunk):
-                    e = min(seq_len, s + chunk)
-                    if torch.is_grad_enabled():
-                        parts.append(checkpoint(self._chunk, s, e, anchor, use_reentrant=False))
-                    else:
-                        parts.append(self._chunk(s, e, anchor))
-                h = torch.cat(parts, dim=0)
-        return h.t()  # [d, L]; the FFT core reads it channel-first
+                return self._chunk(0, seq_len, anchor).t().contiguous()
+            parts = []
+            for s in range(0, seq_len, chunk):
+                e = min(seq_len, s + chunk)
+                if torch.is_grad_enabled():
+                    parts.append(checkpoint(self._chunk, s, e, anchor, use_reentrant=False).t())
+                else:
+                    parts.append(self._chunk(s, e, anchor).t())
+            # [d, L] contiguous: the FFT core reads it channel-first
+            return torch.cat(parts, dim=1)
 
 
 class HyenaOperator(nn.Module):
@@ -191,13 +190,29 @@ class HyenaOperator(nn.Module):
         return self.out_proj(y.transpose(1, 2))
 
 
+class HyenaMLP(nn.Module):
+    """fc2(GELU_tanh(fc1(x))); optionally recomputes the GELU in backward (saves L * 4d activations)."""
+
+    def __init__(self, d: int, hidden: int, recompute_gelu: bool = True):
+        super().__init__()
+        self.fc1 = nn.Linear(d, hidden)
+        self.fc2 = nn.Linear(hidden, d)
+        self.recompute_gelu = recompute_gelu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        if self.recompute_gelu and torch.is_grad_enabled():
+            return gelu_linear(h, self.fc2.weight, self.fc2.bias, "tanh")
+        return self.fc2(F.gelu(h, approximate="tanh"))
+
+
 class HyenaBlock(nn.Module):
     def __init__(self, cfg: HyenaConfig):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mixer = HyenaOperator(cfg)
         self.norm2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mlp = GeluMLP(cfg.d_model, cfg.resolved_d_inner())
+        self.mlp = HyenaMLP(cfg.d_model, cfg.resolved_d_inner(), cfg.mlp_recompute_gelu)
         self.drop = nn.Dropout(cfg.resid_dropout)
         self.checkpoint_mlp = False
 

@@ -332,6 +332,45 @@ def hyena_gated_conv(
         return _HyenaGatedConv.apply(z, short_weight, short_bias, k.to(dt), D.to(dt), channel_chunk, out_dtype)
 
 
+# ----------------------------------------------------------------------------- memory-light MLP
+
+
+class _GeluLinear(torch.autograd.Function):
+    """``linear(gelu(h), w, b)`` saving only h and w: the activation is recomputed in backward.
+
+    In a 4*d MLP this drops the largest saved tensor (the [L, 4d] GELU output).
+    """
+
+    @staticmethod
+    def forward(ctx, h, w, b, approximate):
+        a = F.gelu(h, approximate=approximate)
+        out = F.linear(a, w, b)  # autocast (if on) casts a, w, b as for any linear
+        ctx.save_for_backward(h, w)
+        ctx.has_bias = b is not None
+        ctx.approximate = approximate
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        h, w = ctx.saved_tensors
+        with torch.enable_grad():
+            h_ = h.detach().requires_grad_(True)
+            a = F.gelu(h_, approximate=ctx.approximate)
+        dt = g.dtype
+        g2 = g.reshape(-1, g.shape[-1])
+        a2 = a.detach().reshape(-1, a.shape[-1]).to(dt)
+        gw = (g2.t() @ a2).to(w.dtype) if ctx.needs_input_grad[1] else None
+        gb = g2.sum(0).to(w.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        ga = (g @ w.to(dt)).to(a.dtype)
+        (gh,) = torch.autograd.grad(a, h_, ga)
+        return gh, gw, gb, None
+
+
+def gelu_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str = "tanh") -> torch.Tensor:
+    """``F.linear(F.gelu(h), weight, bias)`` with the GELU output recomputed in backward."""
+    return _GeluLinear.apply(h, weight, bias, approximate)
+
+
 # ----------------------------------------------------------------------------- misc
 
 
