@@ -77,6 +77,22 @@ def check_iupac(seq: np.ndarray, path: str, record: str, offset: int, what: str 
         )
 
 
+def fetch_bytes(fa: pyfaidx.Fasta, name: str, start: int, end: int) -> np.ndarray:
+    """Bases ``[start, end)`` of a record as uint8, read with the ``.fai`` offsets (no str round trip)."""
+    rec = fa.faidx.index[name]
+    lenc, lenb = rec.lenc, rec.lenb
+    end = min(end, rec.rlen)
+    if end <= start:
+        return np.zeros(0, dtype=np.uint8)
+    if lenc > 0:
+        b0 = rec.offset + (start // lenc) * lenb + start % lenc
+        b1 = rec.offset + (end // lenc) * lenb + end % lenc
+        raw = os.pread(fa.faidx.file.fileno(), b1 - b0, b0).translate(None, b"\r\n")
+        if len(raw) == end - start:
+            return np.frombuffer(raw, dtype=np.uint8)
+    return np.frombuffer(fa[name][start:end].encode("latin-1"), dtype=np.uint8)  # pyfaidx's own path
+
+
 def file_sha256(path: Path, cache_dir: str = "") -> str:
     """sha256 of a file, remembered in the cache by (path, size, mtime) so big genomes are hashed once."""
     path = Path(path)

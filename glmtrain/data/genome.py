@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from glmtrain.config import DataConfig
-from glmtrain.data.fasta import DataInputError, default_cache_dir, resolve_path
+from glmtrain.data.fasta import DataInputError, default_cache_dir, fetch_bytes, resolve_path
 from glmtrain.data.plan import SPLITS, Plan, make_plan, policy, unit_windows
 from glmtrain.data.shards import COMP, ShardStore, build_shards, dir_lock, first_difference
 from glmtrain.data.stream import (EvalSamples, ResumableBatchSampler, TrainOrder, TrainSamples, WindowEncoder,
@@ -53,7 +53,8 @@ class MemoryStore:
             fa = pyfaidx.Fasta(s.fasta, indexname=s.fai, as_raw=True, sequence_always_upper=False, rebuild=False)
             try:
                 for rec in recs:
-                    self.seqs[rec] = np.frombuffer(fa[plan.records[rec].name][:].encode("latin-1"), dtype=np.uint8)
+                    r = plan.records[rec]
+                    self.seqs[rec] = fetch_bytes(fa, r.name, 0, r.length)
             finally:
                 fa.close()
         fetch = lambda rec, a, b: self.seqs[rec][a:b]  # noqa: E731

@@ -364,7 +364,9 @@ def unit_windows(plan: Plan, unit: Unit, fetch: Fetch) -> Iterator[tuple[int, np
                                  f"offset {a}, expected {b - a}; the FASTA or its index is damaged (delete the .fai)")
         check_iupac(seq, plan.sources[rec.source].path, rec.name, a, what=f"data.sources[{rec.source}]")
         is_n = ~_ACGT[seq]
-        csum = np.concatenate(([0], np.cumsum(is_n, dtype=np.int64)))
+        ctype = np.int32 if len(seq) < 2**31 else np.int64  # half the memory of int64 on a shard's worth
+        csum = np.zeros(len(seq) + 1, dtype=ctype)
+        np.cumsum(is_n.view(np.uint8), dtype=ctype, out=csum[1:])
         n_bad = csum[ends - a] - csum[starts - a]
         keep = n_bad <= cfg.max_n_fraction * (ends - starts)
         if keep.any():

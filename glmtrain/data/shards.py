@@ -40,7 +40,7 @@ from typing import Iterator
 import numpy as np
 
 from glmtrain import __version__
-from glmtrain.data.fasta import DataInputError
+from glmtrain.data.fasta import DataInputError, fetch_bytes
 from glmtrain.data.plan import FORMAT_VERSION, SPLITS, Plan, Unit, plan_from_state, plan_state, unit_windows
 
 IDX_DTYPE = np.dtype([("off", "<i8"), ("len", "<i4"), ("crc", "<u4"), ("rec", "<i4"),
@@ -58,11 +58,25 @@ _HDR_SUM = sum(_HDR_MID) + sum(_HDR_MTIME) + sum(_HDR_TAIL) + 8 * 32  # checksum
 _ZEROS = bytes(512)
 
 
-def tar_header(name: bytes, size: int) -> bytes:
-    """A ustar header for a regular file (name < 100 bytes)."""
-    sz = b"%011o\x00" % size
-    chk = _HDR_SUM + sum(name) + sum(sz)
+def tar_header(name: bytes, size: int, name_sum: int | None = None) -> bytes:
+    """A ustar header for a regular file (name < 100 bytes); ``name_sum`` = sum(name) if known."""
+    sz = _size_field(size)
+    chk = _HDR_SUM + (sum(name) if name_sum is None else name_sum) + _SIZE_SUMS[size]
     return b"".join((name, _ZEROS[: 100 - len(name)], _HDR_MID, sz, _HDR_MTIME, b"%06o\x00 " % chk, _HDR_TAIL))
+
+
+class _SizeSums(dict):
+    def __missing__(self, size: int) -> int:
+        v = self[size] = sum(_size_field(size))
+        return v
+
+
+def _size_field(size: int) -> bytes:
+    return b"%011o\x00" % size
+
+
+_SIZE_SUMS = _SizeSums()
+_DIGIT_SUMS = [sum(b"%04d" % i) for i in range(10000)]  # digit sums of 0000..9999 for key checksums
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -100,6 +114,8 @@ def write_unit(plan: Plan, unit: Unit, out: Path, fetch) -> dict:
     rows: list[tuple] = []
     pos = bases = j = 0
     tail = f',"split":"{split}"}}'
+    prefix = name.encode() + b"_"
+    sum_dna, sum_json = sum(prefix) + sum(b".dna"), sum(prefix) + sum(b".json")
     try:
         with open(tmp, "wb") as f:
             buf: list[bytes] = []
@@ -112,11 +128,14 @@ def write_unit(plan: Plan, unit: Unit, out: Path, fetch) -> dict:
                     for strand in strands:
                         data = fwd.tobytes() if strand == "+" else COMP[fwd[::-1]].tobytes()
                         n = len(data)
-                        key = b"%s_%07d" % (name.encode(), j)
+                        key = prefix + b"%07d" % j
+                        ksum = _DIGIT_SUMS[j // 10000 % 1000] - 48 + _DIGIT_SUMS[j % 10000] if j < 10**7 else None
                         meta = f'{head}{s},"end":{e},"strand":"{strand}"{tail}'.encode()
                         m = len(meta)
-                        buf += (tar_header(key + b".dna", n), data, _ZEROS[: -n % 512],
-                                tar_header(key + b".json", m), meta, _ZEROS[: -m % 512])
+                        buf += (tar_header(key + b".dna", n, None if ksum is None else sum_dna + ksum), data,
+                                _ZEROS[: -n % 512],
+                                tar_header(key + b".json", m, None if ksum is None else sum_json + ksum), meta,
+                                _ZEROS[: -m % 512])
                         rows.append((pos + 512, n, zlib.crc32(data), rec, s, e, strand == "-"))
                         step = 1024 + n + (-n % 512) + m + (-m % 512)
                         pos += step
@@ -174,7 +193,7 @@ def _fetcher(plan: Plan, fastas: dict):
             s = plan.sources[r.source]
             fa = fastas[r.source] = pyfaidx.Fasta(s.fasta, indexname=s.fai, as_raw=True,
                                                   sequence_always_upper=False, rebuild=False)
-        return np.frombuffer(fa[r.name][a:b].encode("latin-1"), dtype=np.uint8)
+        return fetch_bytes(fa, r.name, a, b)
 
     return fetch
 
