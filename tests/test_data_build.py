@@ -316,3 +316,25 @@ def test_property_fasta_to_windows(case):
         sh = ShardStore(out)
         for split in ("train", "valid"):
             assert all_samples(sh, split) == all_samples(mem, split)
+
+
+def test_train_from_a_built_directory_without_the_fasta(tmp_path):
+    from glmtrain.data.genome import GenomeDataModule
+
+    rng = np.random.default_rng(4)
+    f = write_fasta(tmp_path / "g.fa", [("r1", rand_seq(rng, 5000)), ("r2", rand_seq(rng, 3000))])
+    cfg = data_cfg(tmp_path, [{"path": str(f), "species": "sp"}])
+    out = tmp_path / "built"
+    build_shards(make_plan(cfg), out, verbose=False)
+    expect = GenomeDataModule(cfg, CharTokenizer(), 4, 1)  # auto-built from the FASTA
+    expect.setup()
+    f.unlink()  # compute nodes may only have the shards
+    for p in (tmp_path / "cache").glob("g.*"):
+        p.unlink()
+    dm = GenomeDataModule(data_cfg(tmp_path, [{"path": str(f), "species": "sp"}], shards=str(out)), CharTokenizer(), 4, 1)
+    dm.setup()
+    assert [dm.train_set[g]["key"] for g in range(40)] == [expect.train_set[g]["key"] for g in range(40)]
+    assert dm.order.fingerprint() == expect.order.fingerprint()
+    other = data_cfg(tmp_path, [{"path": str(f), "species": "sp"}], shards=str(out), window=32)
+    with pytest.raises(DataInputError, match=r"built with other settings \(data.window was 64, is 32 now\)"):
+        open_store(other, verbose=False)

@@ -14,6 +14,7 @@ LightningModule's ``consumed_samples`` is the whole resume position.
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from pathlib import Path
@@ -91,7 +92,7 @@ def auto_shard_dir(cfg: DataConfig, plan: Plan) -> Path:
 
 def check_compatible(store: ShardStore, cfg: DataConfig) -> None:
     """An explicit data.shards directory must match the config's build policies and sources."""
-    built = dict(store.manifest["policies"])
+    built = copy.deepcopy(store.manifest["policies"])
     built.get("split", {}).pop("bed_sha256", None)
     diff = first_difference(built, policy(cfg), "data.")
     if diff is None:
@@ -105,15 +106,15 @@ def check_compatible(store: ShardStore, cfg: DataConfig) -> None:
 
 
 def open_store(cfg: DataConfig, verbose: bool = True):
-    if cfg.format == "memory":
-        return MemoryStore(make_plan(cfg))
-    if cfg.shards:
+    if cfg.shards and cfg.format == "shards":
         store = ShardStore(resolve_path(cfg.shards), cfg.on_corrupt, cfg.verify, verbose)
         check_compatible(store, cfg)
         return store
-    lock = default_cache_dir(cfg.cache_dir) / "shards" / cfg.name
-    with dir_lock(lock):  # one process plans (decompress, index) and builds; other ranks wait, then reuse
+    # one process at a time plans (decompresses, writes .fai files) and builds; other ranks wait, then reuse
+    with dir_lock(default_cache_dir(cfg.cache_dir) / "locks" / cfg.name):
         plan = make_plan(cfg)
+        if cfg.format == "memory":
+            return MemoryStore(plan)
         out = auto_shard_dir(cfg, plan)
         try:
             return ShardStore(out, cfg.on_corrupt, cfg.verify, verbose)
@@ -223,9 +224,7 @@ class GenomeDataModule(L.LightningDataModule):
     def sequences(self, split: str, max_bases: int = 8_000_000) -> list[np.ndarray]:
         self.setup()
         if split == "train":
-            rows = eval_rows(self.store, "train", 0)
-            per = max(1, self.cfg.window)
-            rows = rows[np.linspace(0, len(rows) - 1, min(len(rows), max_bases // per)).round().astype(int)] if len(rows) else rows
+            rows = eval_rows(self.store, "train", max(1, max_bases // self.cfg.window))
         else:
             rows = self.val_rows if split == "valid" else eval_rows(self.store, split, 0)
         out = []

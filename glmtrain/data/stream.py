@@ -278,12 +278,16 @@ class TrainSamples(Dataset):
 
 
 def eval_rows(store, split: str, limit: int) -> np.ndarray:
-    """(unit, sample) of every held-out sample in store order, evenly subsampled to ``limit`` (0 = all)."""
-    rows = [(u, i) for u, (_, _, n) in enumerate(store.units(split)) for i in range(n)]
-    arr = np.asarray(rows, dtype=np.int64).reshape(-1, 2)
-    if limit > 0 and len(arr) > limit:
-        arr = arr[np.linspace(0, len(arr) - 1, limit).round().astype(int)]
-    return arr
+    """[k, 2] (unit, sample) of a split's samples in store order, evenly subsampled to ``limit`` (0 = all)."""
+    counts = np.array([n for _, _, n in store.units(split)], dtype=np.int64)
+    cum = np.concatenate(([0], np.cumsum(counts)))
+    total = int(cum[-1])
+    if limit > 0 and total > limit:
+        pos = np.linspace(0, total - 1, limit).round().astype(np.int64)
+    else:
+        pos = np.arange(total, dtype=np.int64)
+    u = np.searchsorted(cum, pos, side="right") - 1
+    return np.stack([u, pos - cum[u]], axis=1).reshape(-1, 2)
 
 
 class EvalSamples(Dataset):
