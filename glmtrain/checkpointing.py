@@ -4,7 +4,12 @@
   disk and renamed into place, so a crash or a full disk during a save never
   damages an existing checkpoint.
 * Files are ``checkpoints/step=NNNNNNNN.ckpt``; the newest readable one is
-  resumed from.  Retention keeps the last ``keep_last``.
+  resumed from.  Retention keeps the last ``keep_last`` plus every checkpoint
+  with a ``<name>.keep`` marker: each stage's final checkpoint (written when a
+  run reaches ``max_steps``) gets one, and users may add their own.
+* A checkpoint is validated when it is considered for a resume (metadata:
+  step, data position, config fingerprint, non-empty tensors) and against the
+  built model (every tensor's name and shape) before any state is loaded.
 * Before a run resumes, the checkpoint's config fingerprint (model + objective)
   is compared with the current config; a mismatch is refused with one line that
   names the first differing key.  Nothing in the run directory is modified.
@@ -79,7 +84,111 @@ def read_meta(path: Path) -> dict:
         raise CheckpointError(f"checkpoint {path} was not written by glmtrain (no 'glmtrain' metadata)")
     meta = dict(ckpt["glmtrain"])
     meta["global_step"] = ckpt.get("global_step", 0)
+    problem = _metadata_problem(ckpt, meta)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} has invalid metadata ({problem})")
+    meta["shapes"] = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items()}
     return meta
+
+
+def _metadata_problem(ckpt: dict, meta: dict) -> str | None:
+    """What makes a loaded checkpoint unusable for a resume, or None."""
+    for key in ("consumed_samples", "global_step"):
+        v = meta.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            return f"{key}={v!r}, expected an integer >= 0"
+    if not isinstance(meta.get("fingerprint"), dict):
+        return "no config fingerprint"
+    sd = ckpt["state_dict"]
+    if not isinstance(sd, dict) or not sd:
+        return "empty state_dict"
+    bad = next((k for k, v in sd.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        return f"state_dict[{bad!r}] is not a tensor"
+    for key in ("optimizer_states", "loops"):
+        if key not in ckpt:
+            return f"no {key!r} (not a full training checkpoint)"
+    return None
+
+
+def check_state_shapes(path: Path, module: torch.nn.Module) -> None:
+    """Refuse (one line) a checkpoint whose tensors do not match the built model's names and shapes."""
+    problem = shape_mismatch(read_meta(Path(path))["shapes"], module)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} does not fit the model ({problem}); "
+                              "choose a new run_dir=... or restore the original model settings")
+
+
+def shape_mismatch(shapes: dict[str, tuple], module: torch.nn.Module) -> str | None:
+    own = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    for k in own:
+        if k not in shapes:
+            return f"tensor {k} is missing from the checkpoint"
+        if shapes[k] != own[k]:
+            return f"tensor {k} has shape {list(shapes[k])} in the checkpoint, {list(own[k])} in the model"
+    extra = next((k for k in shapes if k not in own), None)
+    if extra is not None:
+        return f"the checkpoint has tensor {extra}, which the model does not"
+    return None
+
+
+def resolve_checkpoint(spec: str | Path) -> Path:
+    """A checkpoint file, or a run directory / checkpoints directory -> its newest readable checkpoint."""
+    p = Path(spec)
+    if p.is_file():
+        return p
+    for d in (p / "checkpoints", p):
+        for _, c in reversed(list_checkpoints(d)):
+            try:
+                read_meta(c)
+                return c
+            except CheckpointError as e:
+                print(f"glmtrain: warning: {e}; trying an older checkpoint", file=sys.stderr)
+    raise CheckpointError(f"trainer.init_from={spec}: no readable checkpoint there (a .ckpt file or a run directory)")
+
+
+def load_weights(spec: str | Path, module: torch.nn.Module, say=print) -> Path:
+    """Weights-only initialisation (``trainer.init_from``): strict names and shapes, same tokenizer."""
+    path = resolve_checkpoint(spec)
+    meta = read_meta(path)
+    own_tok = getattr(getattr(getattr(module, "run", None), "model", None), "tokenizer", None)
+    ck_tok = (meta.get("fingerprint") or {}).get("model", {}).get("tokenizer")
+    if own_tok is not None and ck_tok is not None:
+        import dataclasses
+
+        diff = first_difference(ck_tok, dataclasses.asdict(own_tok) if dataclasses.is_dataclass(own_tok) else dict(own_tok),
+                                "model.tokenizer.")
+        if diff:
+            raise CheckpointError(f"trainer.init_from={spec}: tokenizer differs ({diff})")
+    problem = shape_mismatch(meta["shapes"], module)
+    if problem:
+        raise CheckpointError(f"trainer.init_from={path}: does not fit the model ({problem})")
+    sd = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["state_dict"]
+    module.load_state_dict(sd, strict=True)
+    say(f"initialised weights from {path} (step {meta['global_step']}); optimizer, schedule and data start fresh")
+    return path
+
+
+def keep_marker(path: Path) -> Path:
+    return path.with_name(path.name + ".keep")
+
+
+def prune(ckpt_dir: Path, keep_last: int) -> None:
+    """Retention: delete all but the newest ``keep_last`` checkpoints, except those with a ``.keep`` marker."""
+    ckpts = list_checkpoints(ckpt_dir)
+    for _, old in ckpts[:-keep_last] if keep_last > 0 else []:
+        if not keep_marker(old).exists():
+            old.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(ckpt_dir: Path) -> list[Path]:
+    """Partial files of saves that never finished (crash, SIGKILL, full disk); never read by a resume."""
+    gone = []
+    if ckpt_dir.is_dir():
+        for p in ckpt_dir.glob(".*.tmp-*"):
+            p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
 
 
 def first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
@@ -130,8 +239,19 @@ class StepCheckpoint(L.Callback):
         trainer.save_checkpoint(step_path(self.dir, step))  # collective: every rank calls it
         self._last_saved = step
         if trainer.is_global_zero and self.keep_last > 0:
-            for _, old in list_checkpoints(self.dir)[: -self.keep_last]:
-                old.unlink(missing_ok=True)
+            prune(self.dir, self.keep_last)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if trainer.is_global_zero:  # no save of this run is in flight yet
+            for p in remove_stale_temporaries(self.dir):
+                print(f"glmtrain: removed {p.name}, a partial checkpoint of an interrupted save", file=sys.stderr)
+
+    def mark_stage_final(self, trainer: L.Trainer) -> None:
+        """Protect the checkpoint of the current step from retention (a stage's final checkpoint)."""
+        self._save(trainer)
+        path = step_path(self.dir, trainer.global_step)
+        if trainer.is_global_zero and path.exists():
+            keep_marker(path).touch()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
@@ -144,3 +264,5 @@ class StepCheckpoint(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._save(trainer)
+        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            self.mark_stage_final(trainer)  # the stage is complete: retention keeps this one for good

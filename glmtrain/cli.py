@@ -32,11 +32,16 @@ def main(cfg: DictConfig) -> None:
         run = validate(cfg)
     except ConfigError as e:
         _fail(f"config: {e}")
+    from glmtrain.cluster import FLAG
+    from glmtrain.faults import NumericalFault
     from glmtrain.train import train
+
+    # from here to the end of the process a preemption signal only sets a flag (glmtrain.cluster)
+    FLAG.install(run.trainer.signals)
 
     try:
         train(run)
-    except (DataInputError, CheckpointError, ConfigError) as e:
+    except (DataInputError, CheckpointError, ConfigError, NumericalFault) as e:
         _fail(str(e))
 
 

@@ -125,6 +125,17 @@ class TrainerConfig:
     deterministic: bool = False
     progress: str = "tqdm"  # tqdm | rich | none
     threads: int = 0  # torch intra-op threads per process (0 = torch default)
+    # Signal -> action (glmtrain.cluster). The handler only sets a flag; at the next optimizer-step
+    # boundary all ranks agree, save a checkpoint and stop. requeue: then `scontrol requeue` the SLURM
+    # job (which resumes from that checkpoint) | stop: no requeue | ignore.
+    signals: dict[str, str] = field(default_factory=lambda: {"USR1": "requeue", "TERM": "stop"})
+    # NaN/inf loss or gradient (glmtrain.faults): skip = drop that update and count it |
+    # stop = checkpoint (weights from before the fault) and exit with an error
+    nonfinite: str = "skip"
+    nonfinite_max_consecutive: int = 10  # skip: stop after this many skipped steps in a row (0 = never)
+    # Weights-only start (a later stage of a chain): a checkpoint file or a run directory (its newest
+    # checkpoint). Optimizer, schedule and data position start fresh. Ignored when the run resumes.
+    init_from: str = ""
 
 
 @dataclass
@@ -170,6 +181,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.precision": ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"),
     "trainer.accelerator": ("auto", "cpu", "gpu", "cuda"),
     "trainer.progress": ("tqdm", "rich", "none"),
+    "trainer.nonfinite": ("skip", "stop"),
     "logger.kind": ("csv", "wandb", "none"),
     "logger.mode": ("offline", "online"),
     "model.tokenizer.kind": ("char", "kmer", "byte"),
@@ -276,6 +288,7 @@ def _check_combinations(run: RunConfig) -> None:
     for key in ("max_steps", "micro_batch_size", "accumulate", "devices", "num_nodes", "log_every", "ckpt_every"):
         if getattr(t, key) < 1:
             raise ConfigError(f"trainer.{key}={getattr(t, key)}: must be >= 1")
+    _check_signals(t.signals)
     _check_data(run.data)
     if run.strategy.name in ("ddp", "ddp_spawn") and t.devices * t.num_nodes < 2:
         pass  # DDP on one device is legal (and what SLURM single-task jobs do)
@@ -329,6 +342,18 @@ def validate_data(node: Any) -> DataConfig:
                 raise ConfigError(f"{key}={value!r}: allowed values are {', '.join(allowed)}")
     _check_data(d)
     return d
+
+
+def _check_signals(signals: dict[str, str]) -> None:
+    import signal
+
+    for name, action in signals.items():
+        s = str(name).upper()
+        s = s if s.startswith("SIG") else "SIG" + s
+        if s not in signal.Signals.__members__ or s in ("SIGKILL", "SIGSTOP"):
+            raise ConfigError(f"trainer.signals.{name}: not a signal that can be handled (e.g. USR1, USR2, TERM, INT)")
+        if action not in ("requeue", "stop", "ignore"):
+            raise ConfigError(f"trainer.signals.{name}={action!r}: allowed values are requeue, stop, ignore")
 
 
 def compat_fingerprint(run: RunConfig) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from glmtrain.baselines import markov_baselines
 from glmtrain.checkpointing import AtomicCheckpointIO, StepCheckpoint, find_resume_checkpoint
 from glmtrain.config import RunConfig, compat_fingerprint, to_yaml
 from glmtrain.checkpointing import check_state_shapes, load_weights, step_path
-from glmtrain.cluster import FLAG, Preemption, cluster_environment
+from glmtrain.cluster import Preemption, cluster_environment
 from glmtrain.data.genome import GenomeDataModule
 from glmtrain.faults import NonFiniteGuard, NumericalFault
 from glmtrain.module import GLMModule
@@ -103,7 +103,6 @@ def _set_threads(run: RunConfig, accelerator: str) -> None:
 
 def train(run: RunConfig) -> dict:
     t0 = time.perf_counter()
-    FLAG.install(run.trainer.signals)  # from here on a preemption signal only sets a flag (glmtrain.cluster)
     run_dir = Path(run.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     resume = find_resume_checkpoint(ckpt_dir, compat_fingerprint(run))  # refuses incompatible runs before any write
@@ -170,7 +169,6 @@ def train(run: RunConfig) -> dict:
         requeued = preempt.finish(trainer)  # rank 0, under SLURM, action requeue: `scontrol requeue`
         if not requeued:
             _say(f"stopped on {preempt.signal_name} at step {trainer.global_step}; rerun the same command to resume")
-        FLAG.uninstall()
         return {"steps": trainer.global_step, "interrupted": preempt.signal_name, "requeued": requeued}
     train_s = time.perf_counter() - t0
     result = {"steps": trainer.global_step, "train_wall_s": round(train_s, 1), "consumed_samples": module.consumed_samples}
@@ -188,7 +186,6 @@ def train(run: RunConfig) -> dict:
     if trainer.is_global_zero:
         (run_dir / "final.json").write_text(json.dumps(result, indent=2) + "\n")
         report(run, result)
-    FLAG.uninstall()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return result
