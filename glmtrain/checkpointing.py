@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,12 @@ def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
 def read_meta(path: Path) -> dict:
     """Load a checkpoint lazily (mmap) and return its glmtrain metadata; raise CheckpointError if unusable."""
     try:
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        if Path(path).is_dir():  # sharded (torch.distributed.checkpoint) or DeepSpeed directory
+            from glmtrain.parallel.strategies import checkpoint_summary
+
+            ckpt = checkpoint_summary(Path(path))
+        else:
+            ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as e:  # truncated, corrupted, not a torch file
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
     if not isinstance(ckpt, dict) or "glmtrain" not in ckpt or "state_dict" not in ckpt:
@@ -135,7 +141,7 @@ def shape_mismatch(shapes: dict[str, tuple], module: torch.nn.Module) -> str | N
 def resolve_checkpoint(spec: str | Path) -> Path:
     """A checkpoint file, or a run directory / checkpoints directory -> its newest readable checkpoint."""
     p = Path(spec)
-    if p.is_file():
+    if p.is_file() or (p / "meta.pt").is_file():  # a file, or a sharded checkpoint directory
         return p
     for d in (p / "checkpoints", p):
         for _, c in reversed(list_checkpoints(d)):
@@ -163,7 +169,12 @@ def load_weights(spec: str | Path, module: torch.nn.Module, say=print) -> Path:
     problem = shape_mismatch(meta["shapes"], module)
     if problem:
         raise CheckpointError(f"trainer.init_from={path}: does not fit the model ({problem})")
-    sd = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["state_dict"]
+    if Path(path).is_dir():
+        from glmtrain.parallel.strategies import load_sharded_as_full
+
+        sd = load_sharded_as_full(Path(path))["state_dict"]
+    else:
+        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["state_dict"]
     module.load_state_dict(sd, strict=True)
     say(f"initialised weights from {path} (step {meta['global_step']}); optimizer, schedule and data start fresh")
     return path
@@ -178,7 +189,7 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
     ckpts = list_checkpoints(ckpt_dir)
     for _, old in ckpts[:-keep_last] if keep_last > 0 else []:
         if not keep_marker(old).exists():
-            old.unlink(missing_ok=True)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
 
 
 def remove_stale_temporaries(ckpt_dir: Path) -> list[Path]:
@@ -187,6 +198,9 @@ def remove_stale_temporaries(ckpt_dir: Path) -> list[Path]:
     if ckpt_dir.is_dir():
         for p in ckpt_dir.glob(".*.tmp-*"):
             p.unlink(missing_ok=True)
+            gone.append(p)
+        for p in [*ckpt_dir.glob(".*.partial"), *ckpt_dir.glob(".*.old")]:  # sharded saves (directories)
+            shutil.rmtree(p, ignore_errors=True)
             gone.append(p)
     return gone
 

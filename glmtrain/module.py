@@ -83,8 +83,26 @@ class GLMModule(L.LightningModule):
     # ------------------------------------------------------------------ helpers
     def _generator(self, salt: int) -> torch.Generator:
         g = torch.Generator(device=self.device)
-        g.manual_seed((self.run.seed * 1_000_003 + salt * 7919 + self.global_rank) % (2**63 - 1))
+        g.manual_seed((self.run.seed * 1_000_003 + salt * 7919 + self._dp()[0]) % (2**63 - 1))
         return g
+
+    def _dp(self) -> tuple[int, int, Any]:
+        """(rank, size, group) of this process among the data-parallel ranks (tensor-parallel ranks share data)."""
+        from glmtrain.parallel.strategies import data_parallel
+
+        return data_parallel(self._trainer)
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        _, dp, group = self._dp()
+        if dp > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(t, group=group)
+        return t
+
+    def configure_model(self) -> None:
+        """FSDP2 / tensor parallelism (strategy=fsdp|tp): shard ``self.model`` by its family's plan (glmtrain.parallel)."""
+        from glmtrain.parallel.strategies import apply_parallelism
+
+        apply_parallelism(self)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
@@ -96,15 +114,56 @@ class GLMModule(L.LightningModule):
 
     # ----------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        world = self.trainer.world_size if self._trainer is not None else 1
-        micro = batch["input_ids"].shape[0]
+        """Loss normalised over the *global* batch: sum(w * CE) / sum(w) over every sample of every
+        data-parallel rank and every accumulated micro-batch of the optimizer step, so that any split of
+        one global batch (world size, micro-batch, accumulation) gives the same gradient.
+
+        Each micro-step returns its unnormalised sum(w * CE) times a fixed constant; the exact factor
+        (the global weight sum is only known after the last micro-batch) is applied to the gradients in
+        :meth:`on_before_optimizer_step`.  Under DeepSpeed (gradients are partitioned inside the engine)
+        each micro-batch is normalised by its weight sum over the ranks instead (exact without accumulation).
+        """
+        from glmtrain.parallel.strategies import is_deepspeed
+
+        _, dp, _ = self._dp()
+        micro, seq = batch["input_ids"].shape[0], batch["input_ids"].shape[1]
         salt = self.consumed_samples  # masking depends on the stream position: identical after resume
-        self.consumed_samples += micro * world
+        self.consumed_samples += micro * dp
         loss, stats = self._step(batch, self._generator(salt) if self.objective.name == "mlm" else None)
-        self._tokens_since += batch["input_ids"].numel() * world
-        self.log("loss", loss, prog_bar=True, on_step=True, batch_size=micro)
-        self.log("train/bits_per_base", bits_per_base(stats["nats"], stats["bases"]), on_step=True, batch_size=micro)
-        return loss
+        wsum = stats["weight"]
+        total = loss * wsum.clamp_min(1e-8)  # sum(w * CE) of this micro-batch
+        sums = torch.stack([total.detach(), wsum.detach(), stats["nats"].detach(), stats["bases"].detach()]).double()
+        self._loss_sums = sums if getattr(self, "_loss_sums", None) is None else self._loss_sums + sums
+        self._tokens_since += batch["input_ids"].numel() * dp
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        if is_deepspeed(self._trainer):
+            w = self._all_reduce(wsum.detach().double().clone())
+            # DeepSpeed averages over ranks and divides by its accumulation steps, and Lightning divides once more
+            return total * (dp * accumulate / w.clamp_min(1e-8)).to(total.dtype)
+        self._loss_scale = 1.0 / (micro * seq)  # keeps the returned value O(1) (fp16 loss scaling, logs)
+        return total * self._loss_scale
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Exact global normalisation of the accumulated gradients, clipping, and the global loss for the logs."""
+        from glmtrain.parallel.strategies import clip_grad_norm, is_deepspeed
+
+        sums = getattr(self, "_loss_sums", None)
+        if sums is None:
+            return
+        self._loss_sums = None
+        _, dp, _ = self._dp()
+        total, wsum, nats, bases = self._all_reduce(sums.clone()).tolist()
+        if not is_deepspeed(self._trainer):
+            accumulate = self.trainer.accumulate_grad_batches
+            # gradients now hold mean over dp ranks of (1/accumulate) sum_a scale * d sum(w*CE)
+            factor = accumulate * dp / (self._loss_scale * max(wsum, 1e-8))
+            params = [p for p in self.parameters() if p.grad is not None]
+            for p in params:
+                p.grad.mul_(factor)
+            if self.run.trainer.grad_clip:
+                clip_grad_norm(params, self.run.trainer.grad_clip)
+        self.log("loss", total / max(wsum, 1e-8), prog_bar=True, on_step=True, batch_size=1)
+        self.log("train/bits_per_base", nats / LN2 / max(bases, 1e-9), on_step=True, batch_size=1)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if (batch_idx + 1) % self.trainer.accumulate_grad_batches:
@@ -133,8 +192,7 @@ class GLMModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         totals = torch.stack([self._val["nats"], self._val["bases"], self._val["tokens"]])
-        if self.trainer.world_size > 1:
-            totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        totals = self._all_reduce(totals)  # over data-parallel ranks (tensor-parallel ranks saw the same windows)
         nats, bases, tokens = totals.tolist()
         bpb = nats / LN2 / max(bases, 1e-9)
         self.last_val = {"bits_per_base": bpb, "nats": nats, "bases": bases, "tokens": tokens}
@@ -147,8 +205,19 @@ class GLMModule(L.LightningModule):
         groups = param_groups(self.model, o.weight_decay)
         for g in groups:
             g["lr"] = o.lr * g["lr_scale"]
-        fused = self.device.type == "cuda"
-        opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused or None)
+        s = self.run.strategy
+        if s.name == "deepspeed" and s.offload_optimizer:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam  # DeepSpeed requires its CPU Adam for offload
+
+            opt = DeepSpeedCPUAdam(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, adamw_mode=True)
+        else:
+            from torch.distributed.tensor import DTensor
+
+            sharded = any(isinstance(p, DTensor) for g in groups for p in g["params"])
+            # fused kernels for plain CUDA tensors; per-tensor loop for DTensors (parameters may live on
+            # different meshes under 2-D parallelism)
+            kw = {"foreach": False} if sharded else {"fused": (self.device.type == "cuda") or None}
+            opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, **kw)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_lambda(s, o.warmup_steps, t.max_steps, o.min_lr_ratio, o.schedule)
         )
@@ -160,7 +229,8 @@ class GLMModule(L.LightningModule):
             "version": __version__,
             "consumed_samples": self.consumed_samples,
             "fingerprint": compat_fingerprint(self.run),
-            "world_size": self.trainer.world_size if self._trainer is not None else 1,
+            "world_size": self._dp()[1],  # data-parallel ranks (the data stream's divisor)
+            "world_size_total": self.trainer.world_size if self._trainer is not None else 1,
             "micro_batch_size": self.run.trainer.micro_batch_size,
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         }

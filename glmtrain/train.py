@@ -29,6 +29,7 @@ from glmtrain.cluster import Preemption, cluster_environment
 from glmtrain.data.genome import GenomeDataModule
 from glmtrain.faults import NonFiniteGuard, NumericalFault
 from glmtrain.module import GLMModule
+from glmtrain.parallel import strategies as parallel
 
 
 def _rank() -> int:
@@ -57,18 +58,11 @@ def resolve_precision(run: RunConfig, accelerator: str) -> str:
     return p
 
 
-def build_strategy(run: RunConfig, accelerator: str):
-    s = run.strategy
-    backend = None if s.backend == "auto" else s.backend
-    if s.name == "auto":
-        return "auto"
-    if s.name in ("ddp", "ddp_spawn"):
-        return DDPStrategy(
-            process_group_backend=backend or ("nccl" if accelerator == "gpu" else "gloo"),
-            find_unused_parameters=s.find_unused_parameters,
-            start_method="spawn" if s.name == "ddp_spawn" else "popen",
-        )
-    raise ValueError(f"strategy.name={s.name!r}")
+def build_strategy(run: RunConfig, accelerator: str, topo=None):
+    """The Lightning strategy for ``run.strategy`` (glmtrain.parallel.strategies)."""
+    from glmtrain.parallel.strategies import build_strategy as _build
+
+    return _build(run, accelerator, topo, precision=resolve_precision(run, accelerator))
 
 
 def build_logger(run: RunConfig, run_dir: Path):
@@ -119,7 +113,12 @@ def train(run: RunConfig) -> dict:
     elif run.trainer.init_from:
         load_weights(run.trainer.init_from, module, say=_say)
     cluster_env = cluster_environment()  # srun/sbatch: SLURMEnvironment(auto_requeue=False); torchrun: TorchElastic
-    data = GenomeDataModule(run.data, module.tokenizer, run.trainer.micro_batch_size, run.seed)
+    topo = parallel.topology(run)  # world from torchrun/SLURM when launched by them, else trainer.devices x num_nodes
+    if resume is not None:
+        parallel.refuse_foreign_checkpoint(resume, run.strategy.name)  # DeepSpeed <-> others: one line
+    batch = parallel.batch_plan(run, topo.dp)  # micro-batch and accumulation derived from the world size
+    _say(parallel.describe(run, topo, batch))
+    data = GenomeDataModule(run.data, module.tokenizer, batch.micro, run.seed)
     t = run.trainer
     progress = []
     if t.progress == "tqdm":
@@ -128,16 +127,16 @@ def train(run: RunConfig) -> dict:
         progress = [RichProgressBar()]
     trainer = L.Trainer(
         accelerator=accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        strategy=build_strategy(run, accelerator),
+        devices=topo.devices,
+        num_nodes=topo.num_nodes,
+        strategy=build_strategy(run, accelerator, topo),
         precision=resolve_precision(run, accelerator),
         max_steps=t.max_steps,
         max_time=dt.timedelta(seconds=t.max_time_s) if t.max_time_s > 0 else None,
-        accumulate_grad_batches=t.accumulate,
-        gradient_clip_val=t.grad_clip or None,
+        accumulate_grad_batches=batch.accumulate,
+        gradient_clip_val=None,  # GLMModule clips (after its global loss normalisation); DeepSpeed: its config
         log_every_n_steps=t.log_every,
-        val_check_interval=(t.val_every * t.accumulate) if t.val_every else None,
+        val_check_interval=(t.val_every * batch.accumulate) if t.val_every else None,
         check_val_every_n_epoch=None,
         limit_val_batches=t.val_batches if t.val_every else 0,
         num_sanity_val_steps=0,
@@ -161,12 +160,13 @@ def train(run: RunConfig) -> dict:
         _say(f"resuming from {resume}")
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None, weights_only=False)
     if guard.fault or preempt.triggered:  # interrupted: no final evaluation, no final.json
+        requeued = False if guard.fault else preempt.finish(trainer)  # rank 0 under SLURM: `scontrol requeue`
+        trainer.strategy.barrier("glmtrain.interrupted")  # no rank exits (srun --kill-on-bad-exit) before that
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         if guard.fault:
             raise NumericalFault(f"{guard.fault}; training stopped (trainer.nonfinite={t.nonfinite}); "
                                  f"{step_path(ckpt_dir, trainer.global_step)} holds the weights from before the fault")
-        requeued = preempt.finish(trainer)  # rank 0, under SLURM, action requeue: `scontrol requeue`
         if not requeued:
             _say(f"stopped on {preempt.signal_name} at step {trainer.global_step}; rerun the same command to resume")
         return {"steps": trainer.global_step, "interrupted": preempt.signal_name, "requeued": requeued}

@@ -1,0 +1,386 @@
+"""Sharding plans: how each model family is split by tensor parallelism and wrapped by FSDP2.
+
+This is the one place in glmtrain that knows about device meshes.  Model code
+(``glmtrain/models``) stays plain ``nn.Module``; a family joins every
+distributed strategy by declaring a :class:`FamilyPlan` here, nothing else.
+
+A plan names, per block, what each sub-module does under tensor parallelism
+(Megatron-style: column-parallel then row-parallel linear layers, so that one
+block costs one all-reduce -- or one all-gather + one reduce-scatter with
+sequence parallelism -- in forward and in backward):
+
+* :class:`Colwise` -- ``nn.Linear`` whose output features are split over the
+  tensor-parallel ranks.  ``fused=k``: the weight is ``k`` equal chunks stacked
+  along the output dimension (``qkv``: k=3; a Hyena input projection
+  ``(post, pre, v)``: k=3); rank ``r`` then needs the ``r``-th slice of *each*
+  chunk, so the rows are permuted before sharding (see :func:`fused_permutation`)
+  and permuted back whenever a checkpoint is written (checkpoints always hold the
+  plain, unpermuted layout and are interchangeable between strategies).
+* :class:`Rowwise` -- ``nn.Linear`` whose input features are split; its output is
+  summed over the ranks (all-reduce, or reduce-scatter onto the sequence
+  dimension with sequence parallelism).
+* :class:`Norm` -- a normalisation layer; with sequence parallelism it runs on
+  the local slice of the sequence (its weight replicated, gradients summed).
+* :class:`Local` -- parameters that a module uses in its own channel-wise
+  arithmetic (depthwise short convolutions, the long filters of Hyena, the D
+  skip terms).  They are split by channel (dim 0, with the same ``fused``
+  permutation where the channels are ``k`` stacked groups) and the module sees
+  the local slice during its forward, so the FFT convolution runs on local
+  channels with no communication at all.  Buffers derived from the channel
+  index (decay windows) are sliced the same way; ``attrs`` adjusts plain
+  attributes that hold a global width (e.g. the number of channels a grouped
+  filter is expanded to).
+
+The plan also names the FSDP2 units (one per block; embeddings, final norm and
+the tied head stay in the root unit) and the sizes the tensor-parallel degree
+must divide (checked before any process starts, :func:`tp_problems`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+# ----------------------------------------------------------------------------- plan vocabulary
+@dataclass(frozen=True)
+class Colwise:
+    fused: int = 1
+
+
+@dataclass(frozen=True)
+class Rowwise:
+    pass
+
+
+@dataclass(frozen=True)
+class Norm:
+    pass
+
+
+@dataclass(frozen=True)
+class Local:
+    params: dict[str, int] = field(default_factory=dict)  # name (relative) -> fused chunks (1 = plain channels)
+    buffers: dict[str, int] = field(default_factory=dict)  # name (relative) -> fused chunks
+    # name (relative, dotted) -> function(old value, tp) -> new value, for attributes holding a global width
+    attrs: dict[str, Callable[[Any, int], Any]] = field(default_factory=dict)
+
+
+Style = Colwise | Rowwise | Norm | Local
+
+
+@dataclass(frozen=True)
+class FamilyPlan:
+    """How one family is sharded.  ``block_styles`` maps glob patterns relative to a block to styles;
+    patterns that match nothing in a given block are skipped (blocks of one family may differ, e.g.
+    Evo 2's attention and Hyena blocks)."""
+
+    family: str
+    block_styles: dict[str, Style]
+    tp_divisors: Callable[[Any, int], list[tuple[str, int]]]  # (model cfg, vocab) -> [(what, size)]
+    blocks: str = "blocks"  # ModuleList: one FSDP unit per element
+    embed: str = "embed"
+    head: str = "lm_head"
+    final_norm: str = "norm_f"
+    tensor_parallel: bool = True  # False: FSDP/DDP only; strategy=tp is refused for the family
+
+
+def _cfg_copy(cfg: Any, tp: int) -> Any:
+    """A per-module copy of a family config whose d_model is the local channel count."""
+    return dataclasses.replace(cfg, d_model=cfg.d_model // tp)
+
+
+# ----------------------------------------------------------------------------- families
+def _transformer_divisors(cfg: Any, vocab: int) -> list[tuple[str, int]]:
+    return [("model.n_heads", cfg.n_heads), ("the MLP width (model.ffn_dim)", cfg.resolved_ffn_dim())]
+
+
+def _hyena_divisors(cfg: Any, vocab: int) -> list[tuple[str, int]]:
+    return [("model.d_model (Hyena channels)", cfg.d_model), ("model.d_inner", cfg.resolved_d_inner())]
+
+
+def _evo2_divisors(cfg: Any, vocab: int) -> list[tuple[str, int]]:
+    out = [("model.d_model (Hyena channels)", cfg.d_model), ("the MLP width (model.mlp_dim)", cfg.resolved_mlp_dim())]
+    pattern = cfg.pattern
+    if "*" in pattern:
+        out.append(("model.n_heads", cfg.n_heads))
+    if "S" in pattern:
+        out.append(("model.se_filter_groups", cfg.se_filter_groups))
+    if "D" in pattern:
+        out.append(("model.mr_filter_groups", cfg.mr_filter_groups))
+    if "H" in pattern:
+        out.append(("model.li_filter_groups", cfg.li_filter_groups or cfg.d_model))
+    return out
+
+
+PLANS: dict[str, FamilyPlan] = {
+    # Plain pre-norm Transformer: fused qkv (3 chunks) -> heads split; GELU or SwiGLU MLP.
+    "transformer": FamilyPlan(
+        family="transformer",
+        block_styles={
+            "norm1": Norm(), "norm2": Norm(),
+            "attn.qkv": Colwise(fused=3), "attn.out": Rowwise(),
+            "mlp.fc1": Colwise(), "mlp.fc2": Rowwise(),
+            "mlp.gate": Colwise(), "mlp.up": Colwise(), "mlp.down": Rowwise(),
+        },
+        tp_divisors=_transformer_divisors,
+    ),
+    # HyenaDNA: the input projection shards like qkv (3 chunks: post, pre, v), the depthwise short
+    # conv and the long convolution by channel; the implicit filter's MLP is replicated and only its
+    # last layer (one output per channel) is column-parallel.
+    "hyena": FamilyPlan(
+        family="hyena",
+        block_styles={
+            "norm1": Norm(), "norm2": Norm(),
+            "mixer.in_proj": Colwise(fused=3), "mixer.out_proj": Rowwise(),
+            "mixer.filter.out": Colwise(),
+            "mixer": Local(params={"short_conv.weight": 3, "short_conv.bias": 3, "filter.bias": 1},
+                           buffers={"filter.deltas": 1}),
+            "mlp.fc1": Colwise(), "mlp.fc2": Rowwise(),
+            # the memory-light MLP applies fc2's weight inside a custom autograd function (no module call,
+            # so no row-parallel hooks): under tensor parallelism the plain fc2 call is used instead
+            "mlp": Local(attrs={"recompute_gelu": lambda v, tp: False}),
+        },
+        tp_divisors=_hyena_divisors,
+    ),
+    # StripedHyena 2 (Evo 2): attention blocks like the Transformer's; Hyena blocks like HyenaDNA's with
+    # explicit (SE/MR) or modal (LI) filters split by filter group; gated MLP.
+    "evo2": FamilyPlan(
+        family="evo2",
+        block_styles={
+            "norm1": Norm(), "norm2": Norm(),
+            "mixer.qkv": Colwise(fused=3), "mixer.proj": Colwise(fused=3), "mixer.out": Rowwise(),
+            "mixer": Local(
+                params={"short_conv.weight": 3, "short_conv.bias": 3, "filter.h": 1, "filter.D": 1,
+                        "filter.log_rate": 1, "filter.residues": 1},
+                buffers={"filter.window": 1},
+                attrs={"filter.d": lambda v, tp: v // tp, "cfg": _cfg_copy},
+            ),
+            "mlp.gate": Colwise(), "mlp.up": Colwise(), "mlp.down": Rowwise(),
+        },
+        tp_divisors=_evo2_divisors,
+    ),
+}
+
+
+def plan_for(family: str) -> FamilyPlan | None:
+    return PLANS.get(family)
+
+
+def tp_problems(model_cfg: Any, vocab: int, tp: int, seq_len: int, sequence_parallel: bool, vocab_parallel: bool) -> list[str]:
+    """Sizes that the tensor-parallel degree does not divide (empty = fine)."""
+    plan = plan_for(model_cfg.family)
+    if plan is None or tp <= 1:
+        return []
+    out = [f"{what}={size}" for what, size in plan.tp_divisors(model_cfg, vocab) if size % tp]
+    if sequence_parallel and seq_len % tp:
+        out.append(f"the sequence length ({seq_len} tokens per window; strategy.sequence_parallel=true)")
+    if vocab_parallel and vocab % tp:
+        out.append(f"the vocabulary ({vocab} ids; strategy.vocab_parallel=true)")
+    return out
+
+
+# ----------------------------------------------------------------------------- fused layouts
+def fused_permutation(rows: int, chunks: int, tp: int) -> torch.Tensor:
+    """Row order that makes contiguous tensor-parallel shards hold the r-th slice of every chunk.
+
+    ``rows = chunks * n``; planned[i] = canonical[perm[i]].  Rank r's shard (rows
+    ``[r*rows/tp, (r+1)*rows/tp)``) is then ``[chunk_0[r], chunk_1[r], ...]``.
+    """
+    n = rows // chunks
+    s = n // tp
+    idx = [j * n + r * s + i for r in range(tp) for j in range(chunks) for i in range(s)]
+    return torch.tensor(idx, dtype=torch.long)
+
+
+def to_planned(t: torch.Tensor, chunks: int, tp: int) -> torch.Tensor:
+    if chunks <= 1 or tp <= 1:
+        return t
+    return t.index_select(0, fused_permutation(t.shape[0], chunks, tp).to(t.device))
+
+
+def to_canonical(t: torch.Tensor, chunks: int, tp: int) -> torch.Tensor:
+    if chunks <= 1 or tp <= 1:
+        return t
+    perm = fused_permutation(t.shape[0], chunks, tp).to(t.device)
+    out = torch.empty_like(t)
+    out.index_copy_(0, perm, t)
+    return out
+
+
+# ----------------------------------------------------------------------------- application
+def _resolve(root: nn.Module, dotted: str) -> tuple[nn.Module, str]:
+    *path, attr = dotted.split(".")
+    mod = root
+    for p in path:
+        mod = getattr(mod, p)
+    return mod, attr
+
+
+def _has(root: nn.Module, dotted: str) -> bool:
+    try:
+        mod, attr = _resolve(root, dotted)
+    except AttributeError:
+        return False
+    return hasattr(mod, attr) and getattr(mod, attr) is not None
+
+
+def _matches(block: nn.Module, pattern: str) -> list[str]:
+    names = [n for n, _ in block.named_modules() if n]
+    if any(ch in pattern for ch in "*?["):
+        return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+    return [pattern] if pattern in names else []
+
+
+class _LocalSwap:
+    """Forward pre/post hooks: DTensor parameters -> their local shard during the module's forward.
+
+    The local tensor comes from ``DTensor.to_local()``, so gradients flow back into
+    the sharded parameter (each rank owns the gradient of its channels: nothing to
+    reduce).  Works under FSDP2 as well: FSDP2 installs the unsharded (TP-sharded)
+    parameter before the block's forward, this hook swaps in its local view and
+    puts the parameter back afterwards.
+    """
+
+    def __init__(self, module: nn.Module, names: list[str]):
+        self.slots = [_resolve(module, n) for n in names]
+        self.saved: list[tuple[nn.Module, str, Any]] = []
+
+    def pre(self, module, args):
+        from torch.distributed.tensor import DTensor
+
+        for owner, attr in self.slots:
+            p = owner._parameters.get(attr)
+            if isinstance(p, DTensor):
+                self.saved.append((owner, attr, p))
+                owner._parameters[attr] = p.to_local()
+
+    def post(self, module, args, output):
+        while self.saved:
+            owner, attr, p = self.saved.pop()
+            owner._parameters[attr] = p
+        return output
+
+
+def _slice_buffer(owner: nn.Module, attr: str, chunks: int, tp: int, rank: int) -> None:
+    full = getattr(owner, attr)
+    local = to_planned(full, chunks, tp).chunk(tp, dim=0)[rank].clone()
+    owner._buffers[attr] = local
+    key_attr = attr
+
+    def save_full(module, state_dict, prefix, local_metadata):
+        k = prefix + key_attr
+        if k in state_dict:
+            state_dict[k] = full.to(state_dict[k].device)
+        return state_dict
+
+    def load_local(module, state_dict, prefix, *args):
+        k = prefix + key_attr
+        if k in state_dict and state_dict[k].shape == full.shape:
+            full.copy_(state_dict[k])
+            state_dict[k] = to_planned(state_dict[k], chunks, tp).chunk(tp, dim=0)[rank].clone()
+
+    owner._register_state_dict_hook(save_full)
+    owner._register_load_state_dict_pre_hook(load_local, with_module=True)
+
+
+def apply_tensor_parallel(model: nn.Module, plan: FamilyPlan, tp_mesh, sequence_parallel: bool, vocab_parallel: bool,
+                          prefix: str = "") -> dict[str, tuple[int, int]]:
+    """Shard ``model`` in place over ``tp_mesh``.  Returns the fused layouts: {state-dict key: (chunks, tp)}."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        PrepareModuleOutput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    tp = tp_mesh.size()
+    rank = tp_mesh.get_local_rank()
+    fused: dict[str, tuple[int, int]] = {}
+    seq = Shard(1)
+    act_in = seq if sequence_parallel else Replicate()  # layout of the residual stream between blocks
+
+    for bi, block in enumerate(getattr(model, plan.blocks)):
+        bprefix = f"{prefix}{plan.blocks}.{bi}."
+        styles: dict[str, Any] = {}
+        locals_: list[tuple[str, Local]] = []
+        for pattern, style in plan.block_styles.items():
+            for name in _matches(block, pattern):
+                if isinstance(style, Local):
+                    locals_.append((name, style))
+                elif isinstance(style, Colwise):
+                    sub = block.get_submodule(name)
+                    if style.fused > 1:
+                        for pn, p in sub.named_parameters(recurse=False):
+                            p.data = to_planned(p.data, style.fused, tp)
+                            fused[f"{bprefix}{name}.{pn}"] = (style.fused, tp)
+                    # the implicit filter's output layer sits outside the residual stream: plain input
+                    inner = name.endswith("filter.out")
+                    styles[name] = ColwiseParallel(input_layouts=Replicate() if inner else act_in)
+                elif isinstance(style, Rowwise):
+                    styles[name] = RowwiseParallel(output_layouts=act_in)
+                elif isinstance(style, Norm) and sequence_parallel:
+                    styles[name] = SequenceParallel()
+        for name, style in locals_:
+            sub = block.get_submodule(name)
+            present = [n for n in style.params if _has(sub, n)]
+            for pn in present:
+                owner, attr = _resolve(sub, pn)
+                p = getattr(owner, attr)
+                chunks = style.params[pn]
+                data = to_planned(p.detach(), chunks, tp)
+                owner.register_parameter(attr, nn.Parameter(
+                    distribute_tensor(data, tp_mesh, [Shard(0)], src_data_rank=None), requires_grad=p.requires_grad))
+                if chunks > 1:
+                    fused[f"{bprefix}{name}.{pn}"] = (chunks, tp)
+            for bn, chunks in style.buffers.items():
+                if _has(sub, bn):
+                    owner, attr = _resolve(sub, bn)
+                    _slice_buffer(owner, attr, chunks, tp, rank)
+            for an, fn in style.attrs.items():
+                if _has(sub, an):
+                    owner, attr = _resolve(sub, an)
+                    setattr(owner, attr, fn(getattr(owner, attr), tp))
+            if present:
+                swap = _LocalSwap(sub, present)
+                sub.register_forward_pre_hook(swap.pre)
+                sub.register_forward_hook(swap.post)
+        parallelize_module(block, tp_mesh, styles, src_data_rank=None)
+
+    # embedding, final norm, head
+    top: dict[str, Any] = {}
+    tied = getattr(model, plan.head).weight is getattr(model, plan.embed).weight
+    if vocab_parallel:
+        top[plan.embed] = RowwiseParallel(input_layouts=Replicate(), output_layouts=act_in)
+        top[plan.head] = ColwiseParallel(input_layouts=act_in, output_layouts=Replicate())
+    elif sequence_parallel:
+        top[plan.embed] = PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=seq)
+        top[plan.head] = PrepareModuleInput(input_layouts=seq, desired_input_layouts=Replicate(), use_local_output=True)
+    if sequence_parallel:
+        top[plan.final_norm] = SequenceParallel()
+    if top:
+        parallelize_module(model, tp_mesh, top, src_data_rank=None)
+    if vocab_parallel and tied:
+        getattr(model, plan.head).weight = getattr(model, plan.embed).weight
+    return fused
+
+
+def apply_fsdp(model: nn.Module, plan: FamilyPlan | None, dp_mesh, mp_policy=None, reshard_after_forward: bool = True) -> None:
+    """FSDP2: one unit per block, the rest (embedding, tied head, final norm) in the root unit."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kw: dict[str, Any] = {"mesh": dp_mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
+    blocks = getattr(model, plan.blocks if plan is not None else "blocks")
+    n = len(blocks)
+    for i, block in enumerate(blocks):
+        # the last block's parameters are needed again right away by backward: keep them gathered
+        fully_shard(block, reshard_after_forward=reshard_after_forward and i < n - 1, **kw)
+    fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
