@@ -180,6 +180,21 @@ def load_weights(spec: str | Path, module: torch.nn.Module, say=print) -> Path:
     return path
 
 
+class StepSeed(L.Callback):
+    """Exactly resumable randomness (dropout): torch's global RNG is re-seeded before every micro-batch
+    from (seed, data-stream position, data-parallel rank).  Incidental draws -- a DataLoader iterator
+    drawing its base seed when a resumed run creates it, a validation pass -- can then not shift the
+    random stream of a resumed run, and tensor-parallel ranks that share a batch draw the same masks."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        pos = int(getattr(pl_module, "consumed_samples", 0))
+        dp_rank = pl_module._dp()[0] if hasattr(pl_module, "_dp") else trainer.global_rank
+        torch.manual_seed((self.seed * 1_000_003 + pos * 7919 + dp_rank * 104_729 + 17) % (2**63 - 1))
+
+
 def keep_marker(path: Path) -> Path:
     return path.with_name(path.name + ".keep")
 

@@ -40,9 +40,13 @@ def main(cfg: DictConfig) -> None:
     FLAG.install(run.trainer.signals)
 
     try:
-        train(run)
+        result = train(run)
     except (DataInputError, CheckpointError, ConfigError, NumericalFault) as e:
         _fail(str(e))
+    if result.get("interrupted"):
+        # EX_TEMPFAIL: stopped by a signal after a checkpoint, not finished; rerunning (or the requeued job) resumes.
+        # Non-zero so that a SLURM job that could not requeue is not COMPLETED (an afterok chain waits).
+        sys.exit(75)
 
 
 def entry() -> None:

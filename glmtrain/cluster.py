@@ -230,8 +230,8 @@ class Preemption(L.Callback):
             return  # mid-accumulation: not a step boundary
         local, name = self.flag.pending()
         code = agree_max(trainer, _SEVERITY[local])
-        if code == 0:
-            return
+        if code == 0 or 0 < trainer.max_steps <= trainer.global_step:
+            return  # nothing to do, or this was the last step anyway (its checkpoint follows at train end)
         self.action, self.signal_name, self.step = _BY_CODE[code], name or "a signal on another rank", trainer.global_step
         if trainer.is_global_zero:
             print(f"glmtrain: {self.signal_name} received: saving a checkpoint at step {self.step} and stopping"
@@ -255,9 +255,10 @@ class Preemption(L.Callback):
         """After fit: requeue from global rank 0 if that was agreed and we run under SLURM; True if requeued."""
         if self.action != "requeue" or not under_slurm() or not trainer.is_global_zero:
             return False
+        # announced first: once scontrol succeeds, SLURM ends this step within moments
+        print(f"glmtrain: requeueing job {slurm_job_id()} (scontrol requeue); the requeued job resumes from the checkpoint",
+              flush=True)
         ok = requeue_job()
-        print(f"glmtrain: requeue of job {slurm_job_id()} {'requested' if ok else 'FAILED'}; "
-              "the requeued job resumes from the checkpoint", flush=True)
         return ok
 
 

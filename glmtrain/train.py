@@ -24,7 +24,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from glmtrain.baselines import markov_baselines
 from glmtrain.checkpointing import AtomicCheckpointIO, StepCheckpoint, find_resume_checkpoint
 from glmtrain.config import RunConfig, compat_fingerprint, to_yaml
-from glmtrain.checkpointing import check_state_shapes, load_weights, step_path
+from glmtrain.checkpointing import StepSeed, check_state_shapes, load_weights, step_path
 from glmtrain.cluster import Preemption, cluster_environment
 from glmtrain.data.genome import GenomeDataModule
 from glmtrain.faults import NonFiniteGuard, NumericalFault
@@ -155,7 +155,7 @@ def train(run: RunConfig) -> dict:
     preempt = Preemption(t.signals, ckpt_cb._save)
     guard = NonFiniteGuard(t.nonfinite, t.nonfinite_max_consecutive, save=ckpt_cb._save,
                            check_grads=trainer.precision not in ("16-mixed", "16"))
-    trainer.callbacks.extend([guard, preempt])
+    trainer.callbacks.extend([StepSeed(run.seed), guard, preempt])
     if resume is not None:
         _say(f"resuming from {resume}")
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None, weights_only=False)

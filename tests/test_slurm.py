@@ -1,0 +1,111 @@
+"""The real slurm/ scripts against a real (local, one-node) SLURM: submit, preempt, requeue, chain.
+
+The ``slurm`` fixture (conftest.py) starts the cluster once and always stops it.  Every job runs the
+tiny deterministic CPU config of the recovery tests, so a job's final checkpoint can be compared bit
+for bit with an uninterrupted local run (``reference_1p`` / ``reference_ddp``).
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, TINY, assert_same_training_state, child_env, final_checkpoint, losses, steps_saved
+
+pytestmark = pytest.mark.slow
+CPU = ["--gpus-per-node=0", "--cpus-per-task=1"]  # the scripts' GPU defaults, overridden for this CPU node
+SCRIPT = str(ROOT / "slurm" / "train_1node.sbatch")
+
+
+def _env() -> dict:
+    env = child_env()
+    env["GLMTRAIN_PYTHON"] = sys.executable
+    return env
+
+
+def _submit(slurm, tmp_path: Path, ntasks: int, overrides: list[str]) -> str:
+    return slurm.sbatch([f"--output={tmp_path}/slurm-%j.out", *CPU, f"--ntasks-per-node={ntasks}", SCRIPT, *overrides],
+                        env=_env())
+
+
+def _log(run_dir: Path, job: str) -> str:
+    return (run_dir / "slurm" / f"job-{job}.log").read_text()
+
+
+def test_sbatch_job_completes_with_logs_in_run_dir(slurm, tmp_path, reference_1p):
+    run_dir = tmp_path / "run"
+    job = _submit(slurm, tmp_path, 1, [*TINY, f"run_dir={run_dir}"])
+    slurm.wait(job)
+    log = _log(run_dir, job)
+    assert "1 node(s) x 1 task(s)" in log and "training exited with status 0" in log
+    assert (tmp_path / f"slurm-{job}.out").read_text().startswith(f"glmtrain-launch: job {job} (restart 0) logs to")
+    assert_same_training_state(final_checkpoint(reference_1p), final_checkpoint(run_dir))
+
+
+def _preempt_and_requeue(slurm, tmp_path, ntasks, extra, reference, seed):
+    run_dir = tmp_path / "run"
+    job = _submit(slurm, tmp_path, ntasks, [*TINY, *extra, f"run_dir={run_dir}"])
+    after = random.Random(seed).choice([2, 4])
+    slurm.wait_for(lambda: (run_dir / "checkpoints" / f"step={after:08d}.ckpt").exists() or slurm.state(job) not in ("PENDING", "RUNNING"),
+                   f"job {job} to write the checkpoint of step {after}")
+    assert slurm.state(job) == "RUNNING", slurm.job(job)
+    res = subprocess.run(["scancel", "--signal=USR1", "--batch", job], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    slurm.wait(job)
+    info = slurm.job(job)
+    assert info["Restarts"] == "1", info  # requeued exactly once, by the job itself
+    log = _log(run_dir, job)
+    stop_line = next(ln for ln in log.splitlines() if "SIGUSR1 received: saving a checkpoint at step" in ln)
+    stopped_at = int(stop_line.split("at step ")[1].split()[0])
+    assert "(the job requeues itself)" in stop_line and f"requeueing job {job}" in log
+    assert f"job {job} restart 1 on" in log
+    assert f"resuming from {run_dir}/checkpoints/step={stopped_at:08d}.ckpt" in log
+    assert stopped_at in steps_saved(run_dir) and after <= stopped_at < 12
+    a, b = final_checkpoint(reference), final_checkpoint(run_dir)
+    assert_same_training_state(a, b)
+    la, lb = losses(reference), losses(run_dir)
+    assert all(lb[s] == la[s] for s in la if s in lb) and set(range(12)) <= set(lb)
+    print(f"[slurm] job {job}: USR1 after checkpoint {after}, stopped at step {stopped_at}, requeued, "
+          f"resumed, bit-identical to the uninterrupted run")
+    return run_dir, job, log
+
+
+def test_usr1_checkpoints_requeues_and_resumes_bit_exact(slurm, tmp_path, reference_1p, recovery_seed):
+    _preempt_and_requeue(slurm, tmp_path, 1, [], reference_1p, recovery_seed + 2)
+
+
+def test_two_task_srun_ddp_job_preempted_and_requeued_bit_exact(slurm, tmp_path, reference_ddp, recovery_seed):
+    """srun starts 2 tasks = 2 DDP ranks (gloo); the USR1 reaches both through srun, both agree on the same
+    step boundary, the job requeues and the result equals Lightning-launched 2-process DDP bit for bit."""
+    run_dir, job, log = _preempt_and_requeue(slurm, tmp_path, 2, [], reference_ddp, recovery_seed + 3)
+    assert "1 node(s) x 2 task(s)" in log and "world 2 = 1 node(s) x 2 (slurm)" in log
+    assert log.count("All distributed processes registered. Starting with 2 processes") == 2  # first run + requeued run
+    assert final_checkpoint(run_dir)["glmtrain"]["world_size"] == 2
+
+
+def test_dependency_chain_runs_stages_in_order_with_init_from(slurm, tmp_path):
+    base = tmp_path / "chain"
+    common = " ".join(t for t in TINY if not t.startswith("trainer.max_steps"))
+    res = subprocess.run(
+        ["bash", str(ROOT / "slurm" / "chain.sh"), "-d", str(base), "-n", "ctx",
+         "-b", f"--output={tmp_path}/slurm-%j.out --ntasks-per-node=1 {' '.join(CPU)}", "-c", common, "--",
+         "trainer.max_steps=4 data.window=128", "trainer.max_steps=4 data.window=256"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, env=_env())
+    assert res.returncode == 0, res.stderr
+    j1, j2 = res.stdout.split()
+    assert slurm.job(j2)["Dependency"] in (f"afterok:{j1}(unfulfilled)", f"afterok:{j1}")
+    slurm.wait(j2, timeout=300)
+    i1, i2 = slurm.job(j1), slurm.job(j2)
+    assert i1["JobState"] == "COMPLETED" and i1["JobName"] == "ctx-s1" and i2["JobName"] == "ctx-s2"
+    assert i2["StartTime"] >= i1["EndTime"]
+    s1, s2 = base / "stage1", base / "stage2"
+    assert steps_saved(s1)[-1] == 4 and (s1 / "checkpoints" / "step=00000004.ckpt.keep").exists()
+    assert f"initialised weights from {s1}/checkpoints/step=00000004.ckpt (step 4)" in _log(s2, j2)
+    c1, c2 = final_checkpoint(s1), final_checkpoint(s2)
+    assert c2["global_step"] == 4 and c2["glmtrain"]["consumed_samples"] == 16  # fresh schedule and data position
+    assert c2["hyper_parameters"]["config"]["data"]["window"] == 256
+    assert any(not (c1["state_dict"][k] == c2["state_dict"][k]).all() for k in c1["state_dict"])
