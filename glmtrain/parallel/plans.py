@@ -88,6 +88,8 @@ class FamilyPlan:
     head: str = "lm_head"
     final_norm: str = "norm_f"
     tensor_parallel: bool = True  # False: FSDP/DDP only; strategy=tp is refused for the family
+    # glob patterns (relative to a block) of linear layers deliberately left replicated under TP
+    replicated: tuple[str, ...] = ()
 
 
 def _cfg_copy(cfg: Any, tp: int) -> Any:
@@ -147,6 +149,7 @@ PLANS: dict[str, FamilyPlan] = {
             "mlp": Local(attrs={"recompute_gelu": lambda v, tp: False}),
         },
         tp_divisors=_hyena_divisors,
+        replicated=("mixer.filter.mlp.*",),  # the small filter MLP (emb_dim -> filter_order): computed on every rank
     ),
     # StripedHyena 2 (Evo 2): attention blocks like the Transformer's; Hyena blocks like HyenaDNA's with
     # explicit (SE/MR) or modal (LI) filters split by filter group; gated MLP.
