@@ -88,10 +88,11 @@ class SignalFlag:
         if threading.current_thread() is not threading.main_thread():
             return False
         fresh = not self.installed
-        self.actions = {parse_signal(k): v for k, v in actions.items() if v != "ignore"}
-        for sig in self.actions:
-            prev = signal.signal(sig, self._handler)
-            if prev is not self._handler and sig not in self._previous:
+        wanted = {parse_signal(k): v for k, v in actions.items()}
+        self.actions = {sig: v for sig, v in wanted.items() if v != "ignore"}
+        for sig, action in wanted.items():
+            prev = signal.signal(sig, signal.SIG_IGN if action == "ignore" else self._handler)
+            if sig not in self._previous:
                 self._previous[sig] = prev
         return fresh
 
@@ -232,9 +233,10 @@ class Preemption(L.Callback):
         code = agree_max(trainer, _SEVERITY[local])
         if code == 0 or 0 < trainer.max_steps <= trainer.global_step:
             return  # nothing to do, or this was the last step anyway (its checkpoint follows at train end)
-        self.action, self.signal_name, self.step = _BY_CODE[code], name or "a signal on another rank", trainer.global_step
+        self.action, self.signal_name, self.step = _BY_CODE[code], name or "a signal to another rank", trainer.global_step
         if trainer.is_global_zero:
-            print(f"glmtrain: {self.signal_name} received: saving a checkpoint at step {self.step} and stopping"
+            who = f"{name} received" if name else "another rank received a signal"
+            print(f"glmtrain: {who}: saving a checkpoint at step {self.step} and stopping"
                   + (" (the job requeues itself)" if self.action == "requeue" and under_slurm() else ""), flush=True)
         self.save(trainer)  # collective: every rank takes part
         trainer.should_stop = True

@@ -146,3 +146,41 @@ def test_retention_keeps_last_k_and_every_stage_final(tmp_path):
 def test_completed_run_marks_its_final_checkpoint(reference_1p):
     assert keep_marker(step_path(reference_1p / "checkpoints", MAX_STEPS)).exists()
     assert not keep_marker(step_path(reference_1p / "checkpoints", MAX_STEPS - 2)).exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_ddp_rank_stops_all_ranks_at_one_step_then_resumes_exactly(tmp_path, reference_ddp):
+    """The signal reaches rank 1 only: both ranks still agree on one step boundary, checkpoint it and exit
+    75 (interrupted); rerunning the command finishes bit-identical to the uninterrupted DDP run."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import ROOT, child_env, cli_cmd, steps_saved
+
+    run_dir = tmp_path / "run"
+    args = [*TINY, *DDP, f"run_dir={run_dir}"]
+    p = subprocess.Popen(cli_cmd(args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env=child_env(), start_new_session=True)
+    try:
+        t0 = time.time()
+        while not (run_dir / "checkpoints" / "step=00000002.ckpt").exists():
+            assert p.poll() is None and time.time() - t0 < 180, "DDP run ended or stalled before step 2"
+            time.sleep(0.01)
+        children = open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()
+        rank1 = next(int(c) for c in children if b"LOCAL_RANK=1" in open(f"/proc/{c}/environ", "rb").read())
+        os.kill(rank1, signal.SIGTERM)
+        out, _ = p.communicate(timeout=180)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 75, out[-3000:]
+    line = next(ln for ln in out.splitlines() if "saving a checkpoint at step" in ln)
+    stopped_at = int(line.split("at step ")[1].split()[0])
+    assert line.startswith("glmtrain: another rank received a signal: saving a checkpoint"), line  # rank 0 got none
+    assert steps_saved(run_dir)[-1] == stopped_at < 12 and not (run_dir / "final.json").exists()
+    run_glmtrain(args)
+    assert_same_training_state(final_checkpoint(reference_ddp), final_checkpoint(run_dir))
+    la, lb = losses(reference_ddp), losses(run_dir)
+    assert all(lb[s] == la[s] for s in la if s in lb) and set(range(12)) <= set(lb)

@@ -7,16 +7,18 @@ for bit with an uninterrupted local run (``reference_1p`` / ``reference_ddp``).
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from glmtrain import cluster
 from tests.conftest import ROOT, TINY, assert_same_training_state, child_env, final_checkpoint, losses, steps_saved
 
-pytestmark = pytest.mark.slow
 CPU = ["--gpus-per-node=0", "--cpus-per-task=1"]  # the scripts' GPU defaults, overridden for this CPU node
 SCRIPT = str(ROOT / "slurm" / "train_1node.sbatch")
 
@@ -36,6 +38,59 @@ def _log(run_dir: Path, job: str) -> str:
     return (run_dir / "slurm" / f"job-{job}.log").read_text()
 
 
+# ----------------------------------------------------------------------------- units (no cluster needed)
+def test_signal_handler_only_records_and_handlers_are_restored():
+    flag = cluster.SignalFlag()
+    before = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)}
+    assert flag.install({"USR2": "stop", "SIGUSR1": "requeue", "HUP": "ignore"}) is True
+    assert flag.install({"USR2": "stop", "SIGUSR1": "requeue", "HUP": "ignore"}) is False  # re-install: not fresh
+    assert flag.pending() == (None, None)
+    os.kill(os.getpid(), signal.SIGHUP)  # ignored
+    os.kill(os.getpid(), signal.SIGUSR2)
+    assert flag.pending() == ("stop", "SIGUSR2")
+    os.kill(os.getpid(), signal.SIGUSR1)  # the strongest action wins
+    assert flag.pending() == ("requeue", "SIGUSR1")
+    flag.uninstall()
+    assert {s: signal.getsignal(s) for s in before} == before
+    with pytest.raises(ValueError, match="allowed actions"):
+        cluster.validate_signal_actions({"USR1": "restart"})
+
+
+def test_requeue_uses_the_array_task_id_and_never_raises(monkeypatch):
+    for k in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(k)
+    assert cluster.slurm_job_id() is None and cluster.requeue_job() is False
+    monkeypatch.setenv("SLURM_JOB_ID", "91")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "90")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    calls = []
+    assert cluster.requeue_job(run=lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0, "", ""))
+    assert calls == [["scontrol", "requeue", "90_3"]]
+    assert cluster.requeue_job(run=lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "denied")) is False
+
+    def boom(cmd, **kw):
+        raise FileNotFoundError("scontrol")
+
+    assert cluster.requeue_job(run=boom) is False
+
+
+def test_cluster_environment_is_ours_under_slurm_and_torchelastic_under_torchrun(monkeypatch):
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    for k in [k for k in os.environ if k.startswith(("SLURM_", "TORCHELASTIC_"))]:
+        monkeypatch.delenv(k)
+    assert cluster.launcher() == "local" and cluster.cluster_environment() is None
+    for k, v in {"SLURM_JOB_ID": "5", "SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_STEP_ID": "0",
+                 "SLURM_JOB_NAME": "glmtrain"}.items():
+        monkeypatch.setenv(k, v)
+    env = cluster.cluster_environment()
+    assert cluster.launcher() == "srun" and isinstance(env, SLURMEnvironment) and env.auto_requeue is False
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")  # torchrun inside a SLURM job
+    assert isinstance(cluster.cluster_environment(), TorchElasticEnvironment)
+
+
+# ----------------------------------------------------------------------------- real SLURM
+@pytest.mark.slow
 def test_sbatch_job_completes_with_logs_in_run_dir(slurm, tmp_path, reference_1p):
     run_dir = tmp_path / "run"
     job = _submit(slurm, tmp_path, 1, [*TINY, f"run_dir={run_dir}"])
@@ -74,10 +129,12 @@ def _preempt_and_requeue(slurm, tmp_path, ntasks, extra, reference, seed):
     return run_dir, job, log
 
 
+@pytest.mark.slow
 def test_usr1_checkpoints_requeues_and_resumes_bit_exact(slurm, tmp_path, reference_1p, recovery_seed):
     _preempt_and_requeue(slurm, tmp_path, 1, [], reference_1p, recovery_seed + 2)
 
 
+@pytest.mark.slow
 def test_two_task_srun_ddp_job_preempted_and_requeued_bit_exact(slurm, tmp_path, reference_ddp, recovery_seed):
     """srun starts 2 tasks = 2 DDP ranks (gloo); the USR1 reaches both through srun, both agree on the same
     step boundary, the job requeues and the result equals Lightning-launched 2-process DDP bit for bit."""
@@ -87,6 +144,7 @@ def test_two_task_srun_ddp_job_preempted_and_requeued_bit_exact(slurm, tmp_path,
     assert final_checkpoint(run_dir)["glmtrain"]["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_dependency_chain_runs_stages_in_order_with_init_from(slurm, tmp_path):
     base = tmp_path / "chain"
     common = " ".join(t for t in TINY if not t.startswith("trainer.max_steps"))
