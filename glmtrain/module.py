@@ -100,8 +100,12 @@ class GLMModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """FSDP2 / tensor parallelism (strategy=fsdp|tp): shard ``self.model`` by its family's plan (glmtrain.parallel)."""
-        from glmtrain.parallel.strategies import apply_parallelism
+        from glmtrain.parallel.strategies import apply_parallelism, is_deepspeed
 
+        if is_deepspeed(self._trainer):
+            # Lightning leaves the module on the CPU under ZeRO-3 (it expects layers created inside
+            # zero.Init); ours exist already, so put them, buffers included, on the device first.
+            self.model.to(self._trainer.strategy.root_device)
         apply_parallelism(self)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ def _err(overrides):
 
 def test_default_composes_and_validates():
     run = compose_run(["run_dir=/tmp/x"])
-    assert run.model.family == "transformer" and run.objective.name == "clm"
+    assert run.model.family == "hyena" and run.objective.name == "clm"
     assert run.model.tokenizer.kind == "char"
 
 

@@ -143,9 +143,11 @@ class ImplicitFilter(nn.Module):
         dt = torch.float64 if anchor.dtype == torch.float64 else torch.float32
         z, t = self.features(start, stop, anchor.device, dt)
         h = z
+        # The filter is computed in fp32 even when the parameters are stored in bf16 (FSDP2
+        # mixed precision, bf16-true): casting the weights keeps 1M-position features exact.
         for lin in self.mlp:
-            h = self.act(lin(h))
-        h = self.out(h)  # [n, d]
+            h = self.act(F.linear(h, lin.weight.to(dt), None if lin.bias is None else lin.bias.to(dt)))
+        h = F.linear(h, self.out.weight.to(dt))  # [n, d]
         if self.deltas is not None:
             h = h * (torch.exp(-t * self.deltas.abs()[None, :]) + self.cfg.modulation_shift)
         return h
