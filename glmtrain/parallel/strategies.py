@@ -579,7 +579,8 @@ def describe(run: Any, topo: Topology, plan: BatchPlan) -> str:
     s = run.strategy
     extra = ""
     if s.name in MODEL_PARALLEL:
-        extra = f" (fsdp={'on' if s.name == 'fsdp' or topo.dp > 1 else 'off'}, sequence_parallel={s.sequence_parallel}, checkpoint={s.checkpoint})"
+        tp = f", sequence_parallel={s.sequence_parallel}, vocab_parallel={s.vocab_parallel}" if topo.tp > 1 else ""
+        extra = f" (fsdp={'on' if s.name == 'fsdp' or topo.dp > 1 else 'off'}{tp}, checkpoint={s.checkpoint})"
     elif s.name == "deepspeed":
         extra = f" (ZeRO-{s.zero_stage}{', optimizer offload' if s.offload_optimizer else ''}{', parameter offload' if s.offload_params else ''})"
     return f"strategy {s.name}{extra}: {topo.describe()}; {plan.describe()}"
