@@ -61,10 +61,14 @@ def test_plan_covers_every_linear_layer(family):
     sharded = [p for p, s in plan.block_styles.items() if isinstance(s, (plans.Colwise, plans.Rowwise))]
     local = {p: s for p, s in plan.block_styles.items() if isinstance(s, plans.Local) and s.params}
     for bi, block in enumerate(getattr(model, plan.blocks)):
+        # channel-local (split) or summed-gradient (replicated) parameters of Local styles, as block-relative names
+        local_names = [f"{m}.{n}" for pat, st in local.items() for m in plans._matches(block, pat)
+                       for n in (*st.params, *st.summed)]
         for name, mod in block.named_modules():
             if isinstance(mod, nn.Linear):
                 ok = [p for p in sharded if fnmatch.fnmatchcase(name, p)] or \
-                     [p for p in plan.replicated if fnmatch.fnmatchcase(name, p)]
+                     [p for p in plan.replicated if fnmatch.fnmatchcase(name, p)] or \
+                     [p for p in local_names if fnmatch.fnmatchcase(f"{name}.weight", p)]
                 assert ok, f"{family} block {bi}: linear layer {name!r} is in no tensor-parallel rule of its plan"
         for pattern, style in local.items():
             for name in plans._matches(block, pattern):
@@ -96,7 +100,7 @@ def test_tp_problems_name_the_sizes():
 
 # ----------------------------------------------------------------------------- refusals before spawn
 @pytest.mark.parametrize("overrides,expected", [
-    (["strategy=tp", "trainer.devices=3"], "strategy.tp_size=3 does not divide model.n_heads=4"),
+    (["strategy=tp", "trainer.devices=3", "model=transformer"], "strategy.tp_size=3 does not divide model.n_heads=4"),
     (["strategy=fsdp_tp", "trainer.devices=3"], "strategy.tp_size=2 does not divide the world size 3"),
     (["strategy=tp", "strategy.tp_size=2", "trainer.devices=2", "model=evo2", "model.se_filter_groups=3",
       "model.d_model=24", "model.n_heads=4", "model.mlp_dim=64", "model.mr_filter_groups=4"],
@@ -164,13 +168,13 @@ def test_batch_plan_from_global_tokens():
 
 # ----------------------------------------------------------------------------- environments and backends
 def test_topology_local_torchrun_slurm(monkeypatch):
-    run = compose_run([*CPU, "strategy=tp", "trainer.devices=4"])
+    run = compose_run([*CPU, "strategy=tp", "trainer.devices=4", "model=transformer"])
     t = topology(run)
     assert (t.launcher, t.world, t.devices, t.num_nodes, t.tp, t.dp) == ("local", 4, 4, 1, 4, 1)
     # torchrun on 2 nodes x 4: the environment wins over trainer.devices
     for k, v in {"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "RANK": "5", "MASTER_ADDR": "n0"}.items():
         monkeypatch.setenv(k, v)
-    run = compose_run([*CPU, "strategy=fsdp_tp"])
+    run = compose_run([*CPU, "strategy=fsdp_tp", "model=transformer"])
     t = topology(run)
     assert (launcher(), t.world, t.devices, t.num_nodes, t.tp, t.dp) == ("torchrun", 8, 4, 2, 2, 4)
     for k in ("TORCHELASTIC_RUN_ID", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "MASTER_ADDR"):
@@ -178,7 +182,7 @@ def test_topology_local_torchrun_slurm(monkeypatch):
     for k, v in {"SLURM_NTASKS": "16", "SLURM_PROCID": "3", "SLURM_NTASKS_PER_NODE": "8(x2)", "SLURM_JOB_NUM_NODES": "2",
                  "SLURM_JOB_NAME": "train"}.items():
         monkeypatch.setenv(k, v)
-    t = topology(compose_run([*CPU, "strategy=tp", "model.n_heads=8"]))
+    t = topology(compose_run([*CPU, "strategy=tp", "model=transformer", "model.n_heads=8"]))
     assert (launcher(), t.world, t.devices, t.num_nodes, t.tp, t.dp) == ("slurm", 16, 8, 2, 8, 2)
     monkeypatch.setenv("SLURM_JOB_NAME", "interactive")  # salloc shell: not a SLURM task launch
     assert launcher() == "local"

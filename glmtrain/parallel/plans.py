@@ -26,7 +26,11 @@ sequence parallelism -- in forward and in backward):
   skip terms).  They are split by channel (dim 0, with the same ``fused``
   permutation where the channels are ``k`` stacked groups) and the module sees
   the local slice during its forward, so the FFT convolution runs on local
-  channels with no communication at all.  Buffers derived from the channel
+  channels with no communication at all.  Replicated parameters that feed
+  such arithmetic (the small MLP generating Hyena's implicit filter, whose last
+  layer is split by channel) are listed in ``summed``: identity in forward,
+  gradient all-reduced over the tensor-parallel ranks in backward (Megatron's
+  "copy to tensor-parallel region").  Buffers derived from the channel
   index (decay windows) are sliced the same way; ``attrs`` adjusts plain
   attributes that hold a global width (e.g. the number of channels a grouped
   filter is expanded to).
@@ -66,6 +70,9 @@ class Norm:
 @dataclass(frozen=True)
 class Local:
     params: dict[str, int] = field(default_factory=dict)  # name (relative) -> fused chunks (1 = plain channels)
+    # glob patterns of parameter names (relative) that stay replicated but feed channel-local arithmetic:
+    # their gradient on each rank covers only its channels, so it is summed over the tensor-parallel ranks
+    summed: tuple[str, ...] = ()
     buffers: dict[str, int] = field(default_factory=dict)  # name (relative) -> fused chunks
     # name (relative, dotted) -> function(old value, tp) -> new value, for attributes holding a global width
     attrs: dict[str, Callable[[Any, int], Any]] = field(default_factory=dict)
@@ -140,16 +147,16 @@ PLANS: dict[str, FamilyPlan] = {
         block_styles={
             "norm1": Norm(), "norm2": Norm(),
             "mixer.in_proj": Colwise(fused=3), "mixer.out_proj": Rowwise(),
-            "mixer.filter.out": Colwise(),
-            "mixer": Local(params={"short_conv.weight": 3, "short_conv.bias": 3, "filter.bias": 1},
-                           buffers={"filter.deltas": 1}),
+            "mixer": Local(params={"short_conv.weight": 3, "short_conv.bias": 3, "filter.bias": 1,
+                                   "filter.out.weight": 1},
+                           buffers={"filter.deltas": 1},
+                           summed=("filter.mlp.*", "filter.act.*")),
             "mlp.fc1": Colwise(), "mlp.fc2": Rowwise(),
             # the memory-light MLP applies fc2's weight inside a custom autograd function (no module call,
             # so no row-parallel hooks): under tensor parallelism the plain fc2 call is used instead
             "mlp": Local(attrs={"recompute_gelu": lambda v, tp: False}),
         },
         tp_divisors=_hyena_divisors,
-        replicated=("mixer.filter.mlp.*",),  # the small filter MLP (emb_dim -> filter_order): computed on every rank
     ),
     # StripedHyena 2 (Evo 2): attention blocks like the Transformer's; Hyena blocks like HyenaDNA's with
     # explicit (SE/MR) or modal (LI) filters split by filter group; gated MLP.
@@ -240,6 +247,21 @@ def _matches(block: nn.Module, pattern: str) -> list[str]:
     return [pattern] if pattern in names else []
 
 
+class _SumGradOverTP(torch.autograd.Function):
+    """Identity in forward; all-reduce (sum) of the gradient over the tensor-parallel group in backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous()
+        torch.distributed.all_reduce(g, group=ctx.group)
+        return g, None
+
+
 class _LocalSwap:
     """Forward pre/post hooks: DTensor parameters -> their local shard during the module's forward.
 
@@ -250,8 +272,10 @@ class _LocalSwap:
     puts the parameter back afterwards.
     """
 
-    def __init__(self, module: nn.Module, names: list[str]):
+    def __init__(self, module: nn.Module, names: list[str], summed: list[str] = (), group=None):
         self.slots = [_resolve(module, n) for n in names]
+        self.summed = [_resolve(module, n) for n in summed]
+        self.group = group
         self.saved: list[tuple[nn.Module, str, Any]] = []
 
     def pre(self, module, args):
@@ -262,6 +286,13 @@ class _LocalSwap:
             if isinstance(p, DTensor):
                 self.saved.append((owner, attr, p))
                 owner._parameters[attr] = p.to_local()
+        if torch.is_grad_enabled():
+            for owner, attr in self.summed:
+                p = owner._parameters.get(attr)
+                if p is not None and p.requires_grad:
+                    self.saved.append((owner, attr, p))
+                    local = p.to_local() if isinstance(p, DTensor) else p
+                    owner._parameters[attr] = _SumGradOverTP.apply(local, self.group)
 
     def post(self, module, args, output):
         while self.saved:
@@ -352,8 +383,9 @@ def apply_tensor_parallel(model: nn.Module, plan: FamilyPlan, tp_mesh, sequence_
                 if _has(sub, an):
                     owner, attr = _resolve(sub, an)
                     setattr(owner, attr, fn(getattr(owner, attr), tp))
-            if present:
-                swap = _LocalSwap(sub, present)
+            summed = [n for n, _ in sub.named_parameters() if any(fnmatch.fnmatchcase(n, pat) for pat in style.summed)]
+            if present or summed:
+                swap = _LocalSwap(sub, present, summed, tp_mesh.get_group())
                 sub.register_forward_pre_hook(swap.pre)
                 sub.register_forward_hook(swap.post)
         parallelize_module(block, tp_mesh, styles, src_data_rank=None)
