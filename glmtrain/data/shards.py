@@ -33,6 +33,8 @@ import sys
 import threading
 import time
 import zlib
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -303,35 +305,38 @@ def build_shards(plan: Plan, out: Path, workers: int = 0, verbose: bool = True) 
         if todo:
             n = workers or min(os.cpu_count() or 1, 8)
             n = max(1, min(n, len(todo)))
+            # Worker processes are forked (fast, nothing to re-import).  Forking a process that runs
+            # other threads (a DDP rank: gloo, OpenMP) can leave children deadlocked on inherited
+            # locks, and spawn re-imports __main__ (Hydra apps, stdin scripts): build in-process there.
+            if n > 1 and not ("fork" in mp.get_all_start_methods() and threading.active_count() == 1):
+                say("this process runs other threads: building in-process (for a parallel build use "
+                    "python -m glmtrain.data build ...)")
+                n = 1
             say(f"building {len(todo)} shard(s) into {out} with {n} process(es)")
             state = plan_state(plan)
+            names = [u.name for u in todo]
+            ex = None
             if n == 1:
                 _worker_init(state, str(out))
-                results = map(_worker_task, [u.name for u in todo])
-                pool = None
-            else:
-                # fork is fast, but forking a process that runs other threads (a DDP rank: gloo, OpenMP)
-                # can leave children deadlocked on inherited locks: spawn there
-                fork_ok = "fork" in mp.get_all_start_methods() and threading.active_count() == 1
-                ctx = mp.get_context("fork" if fork_ok else "spawn")
-                pool = ctx.Pool(n, initializer=_worker_init, initargs=(state, str(out)))
-                results = pool.imap_unordered(_worker_task, [u.name for u in todo])
+                results = map(_worker_task, names)
+            else:  # a pool whose worker dies (e.g. out of memory) fails loudly instead of hanging
+                ex = ProcessPoolExecutor(n, mp_context=mp.get_context("fork"), initializer=_worker_init,
+                                         initargs=(state, str(out)))
+                results = (f.result() for f in as_completed([ex.submit(_worker_task, nm) for nm in names]))
             try:
                 for k, rec in enumerate(results, 1):
                     cpu += rec.pop("cpu_s", 0.0)
                     done[rec["name"]] = rec
                     if verbose and len(todo) >= 50 and k % (len(todo) // 10) == 0:
                         say(f"  {k}/{len(todo)} shards ({rec['name']}: {rec['samples']} samples)")
-            except BaseException:
-                if pool is not None:
-                    pool.terminate()
-                    pool.join()
-                for stale in out.glob(".*.tmp*"):
+            except BrokenProcessPool:
+                raise DataInputError(f"a shard-build process died (out of memory?); the {len(done)} finished shards "
+                                     f"in {out} are kept - re-run the build (fewer workers=) to continue") from None
+            finally:
+                if ex is not None:
+                    ex.shutdown(wait=True, cancel_futures=True)
+                for stale in out.glob(".*.tmp*"):  # partial files of failed or cancelled shards
                     stale.unlink(missing_ok=True)
-                raise
-            if pool is not None:
-                pool.close()
-                pool.join()
         manifest = _manifest(plan, [done[u.name] for u in all_units])
         manifest["build"] = {"seconds": round(time.perf_counter() - t0, 3), "cpu_seconds": round(cpu, 3),
                              "built": len(todo), "skipped": len(all_units) - len(todo)}
