@@ -31,7 +31,7 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # (so that the restored RNG state matters), one torch thread per process (identical reductions
 # everywhere, also inside SLURM), no validation and no final evaluation (speed).
 TINY = [
-    "experiment=smoke", "trainer.max_steps=12", "trainer.ckpt_every=2", "trainer.keep_last=0",
+    "experiment=smoke", "model=transformer", "trainer.max_steps=12", "trainer.ckpt_every=2", "trainer.keep_last=0",
     "trainer.val_every=0", "trainer.log_every=1", "trainer.progress=none", "eval.final=false",
     "trainer.deterministic=true", "trainer.threads=1", "trainer.accelerator=cpu", "model.dropout=0.1",
     "optim.warmup_steps=2", "data.num_workers=0",

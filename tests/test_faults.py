@@ -11,7 +11,7 @@ from glmtrain.module import GLMModule
 from glmtrain.train import train
 from tests._util import compose_run
 
-BASE = ["experiment=smoke", "trainer.max_steps=5", "trainer.ckpt_every=1", "trainer.keep_last=0",
+BASE = ["experiment=smoke", "model=transformer", "trainer.max_steps=5", "trainer.ckpt_every=1", "trainer.keep_last=0",
         "trainer.val_every=0", "eval.final=false", "trainer.progress=none", "trainer.log_every=1",
         "trainer.threads=1", "trainer.accelerator=cpu", "logger=none", "optim.warmup_steps=1"]
 

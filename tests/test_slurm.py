@@ -29,8 +29,8 @@ def _env() -> dict:
     return env
 
 
-def _submit(slurm, tmp_path: Path, ntasks: int, overrides: list[str]) -> str:
-    return slurm.sbatch([f"--output={tmp_path}/slurm-%j.out", *CPU, f"--ntasks-per-node={ntasks}", SCRIPT, *overrides],
+def _submit(slurm, tmp_path: Path, ntasks: int, overrides: list[str], script: str = SCRIPT, opts=()) -> str:
+    return slurm.sbatch([f"--output={tmp_path}/slurm-%j.out", *CPU, f"--ntasks-per-node={ntasks}", *opts, script, *overrides],
                         env=_env())
 
 
@@ -92,11 +92,14 @@ def test_cluster_environment_is_ours_under_slurm_and_torchelastic_under_torchrun
 # ----------------------------------------------------------------------------- real SLURM
 @pytest.mark.slow
 def test_sbatch_job_completes_with_logs_in_run_dir(slurm, tmp_path, reference_1p):
+    """The multi-node script (on the one node there is: --nodes=1) runs a job to completion."""
     run_dir = tmp_path / "run"
-    job = _submit(slurm, tmp_path, 1, [*TINY, f"run_dir={run_dir}"])
+    job = _submit(slurm, tmp_path, 1, [*TINY, f"run_dir={run_dir}"], str(ROOT / "slurm" / "train_multinode.sbatch"),
+                  ["--nodes=1"])
     slurm.wait(job)
     log = _log(run_dir, job)
     assert "1 node(s) x 1 task(s)" in log and "training exited with status 0" in log
+    assert slurm.job(job)["JobName"] == "glmtrain-mn"
     assert (tmp_path / f"slurm-{job}.out").read_text().startswith(f"glmtrain-launch: job {job} (restart 0) logs to")
     assert_same_training_state(final_checkpoint(reference_1p), final_checkpoint(run_dir))
 
