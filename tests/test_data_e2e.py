@@ -22,7 +22,7 @@ MICRO, WORLD, K = 4, 2, 3
 
 def _cli(run_dir: Path, cache: Path, trace: Path, steps: int) -> subprocess.CompletedProcess:
     cmd = [
-        sys.executable, "-m", "glmtrain", "experiment=smoke", "strategy=ddp", "trainer.devices=2",
+        sys.executable, "-m", "glmtrain", "experiment=smoke", "model=transformer", "strategy=ddp", "trainer.devices=2",
         "trainer.accelerator=cpu", f"trainer.max_steps={steps}", f"trainer.micro_batch_size={MICRO}",
         f"trainer.ckpt_every={K}", "trainer.val_every=0", "trainer.threads=1", "eval.final=false", "logger=none",
         "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "data.num_workers=2", "data.rc_prob=0.5",
