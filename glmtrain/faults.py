@@ -19,7 +19,10 @@ optimizer step, the gradient norms (``on_before_optimizer_step``, after AMP
 unscaling, before clipping).  Under ``16-mixed`` the grad scaler owns inf/NaN
 gradients (overflow is how it finds its scale), so only the loss is checked.
 Under several ranks the decision is agreed (MAX over ranks) so that all ranks
-skip or stop together.
+skip or stop together.  Under DeepSpeed the engine owns the optimizer step and
+the (partitioned) gradients, so a fault always stops the run, by raising
+:class:`NumericalFault` before the engine applies the update (the newest
+periodic checkpoint is from before the fault).
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ class NumericalFault(RuntimeError):
 
 
 def _grads_finite(module: torch.nn.Module) -> torch.Tensor:
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    """All local gradient values finite (DTensor shards: the local shard; ranks agree afterwards)."""
+    grads = [getattr(p.grad, "_local_tensor", p.grad) for p in module.parameters() if p.grad is not None]
     if not grads:
         return torch.ones((), dtype=torch.bool)
     by_device: dict[tuple, list[torch.Tensor]] = {}
@@ -79,14 +83,19 @@ class NonFiniteGuard(L.Callback):
         if code == 0:
             self.consecutive = 0
             return
+        step = trainer.global_step + 1  # the optimizer step being attempted (1-based, as in checkpoint names)
+        what = " and ".join(w for w, bit in (("loss", 1), ("gradient", 2)) if code & bit)
+        if "DeepSpeed" in type(trainer.strategy).__name__:
+            # the engine owns the step (and partitions the gradients): nothing can be dropped here, so stop before
+            # it is applied; the newest periodic checkpoint is from before the fault
+            self.fault = f"non-finite {what} at optimizer step {step} (under DeepSpeed the update cannot be skipped)"
+            raise NumericalFault(f"{self.fault}; training stopped before applying it; resume from the newest checkpoint")
         # drop every gradient: torch optimizers skip parameters whose .grad is None (no update, no moment change)
         for group in optimizer.param_groups:
             for p in group["params"]:
                 p.grad = None
         self.skipped += 1
         self.consecutive += 1
-        step = trainer.global_step + 1  # the optimizer step being attempted (1-based, as in checkpoint names)
-        what = " and ".join(w for w, bit in (("loss", 1), ("gradient", 2)) if code & bit)
         if self.policy == "stop" or self.consecutive >= self.max_consecutive > 0:
             why = f"non-finite {what} at optimizer step {step}"
             if self.policy == "skip":
