@@ -119,6 +119,8 @@ def _metadata_problem(ckpt: dict, meta: dict) -> str | None:
 
 def check_state_shapes(path: Path, module: torch.nn.Module) -> None:
     """Refuse (one line) a checkpoint whose tensors do not match the built model's names and shapes."""
+    if Path(path).is_dir() and not (Path(path) / ".metadata").is_file():
+        return  # DeepSpeed directory: parameter names are the engine's (checked by DeepSpeed when it loads)
     problem = shape_mismatch(read_meta(Path(path))["shapes"], module)
     if problem:
         raise CheckpointError(f"checkpoint {path} does not fit the model ({problem}); "
