@@ -238,6 +238,7 @@ class Preemption(L.Callback):
             who = f"{name} received" if name else "another rank received a signal"
             print(f"glmtrain: {who}: saving a checkpoint at step {self.step} and stopping"
                   + (" (the job requeues itself)" if self.action == "requeue" and under_slurm() else ""), flush=True)
+        self.flag.clear()  # handled (a later train() in this process starts clean)
         self.save(trainer)  # collective: every rank takes part
         trainer.should_stop = True
 

@@ -184,3 +184,33 @@ def test_sigterm_to_one_ddp_rank_stops_all_ranks_at_one_step_then_resumes_exactl
     assert_same_training_state(final_checkpoint(reference_ddp), final_checkpoint(run_dir))
     la, lb = losses(reference_ddp), losses(run_dir)
     assert all(lb[s] == la[s] for s in la if s in lb) and set(range(12)) <= set(lb)
+
+
+def test_in_process_signal_stops_with_checkpoint_and_handlers_are_restored(tmp_path, monkeypatch):
+    """SIGUSR1 in the middle of step 3 (outside SLURM: requeue = stop): checkpoint of that step, no final
+    evaluation; the process's handlers are restored afterwards; calling train() again resumes and finishes."""
+    import os
+    import signal
+
+    from glmtrain.module import GLMModule
+    from glmtrain.train import train
+    from tests._util import compose_run
+
+    args = ["experiment=smoke", "model=transformer", "trainer.max_steps=6", "trainer.ckpt_every=100",
+            "trainer.val_every=0", "trainer.progress=none", "logger=none", "trainer.threads=1", f"run_dir={tmp_path}"]
+    orig = GLMModule.training_step
+
+    def training_step(self, batch, batch_idx):
+        if self.trainer.global_step == 2:  # during optimizer step 3
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return orig(self, batch, batch_idx)
+
+    monkeypatch.setattr(GLMModule, "training_step", training_step)
+    before = signal.getsignal(signal.SIGUSR1)
+    first = train(compose_run(args))
+    assert first["interrupted"] == "SIGUSR1" and first["steps"] == 3 and first["requeued"] is False
+    assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [3] and not (tmp_path / "final.json").exists()
+    assert signal.getsignal(signal.SIGUSR1) == before
+    monkeypatch.undo()
+    second = train(compose_run(args))
+    assert second["steps"] == 6 and "interrupted" not in second and (tmp_path / "final.json").exists()
