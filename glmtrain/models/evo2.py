@@ -39,12 +39,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from glmtrain.models.base import GenomicModel, ModelConfig
-from glmtrain.models.layers import RMSNorm, RotaryEmbedding, SwiGLU
+from glmtrain.models.layers import RMSNorm, RotaryEmbedding, SwiGLU, attend, gpt2_init
 from glmtrain.models.ops import (
     direct_causal_conv,
     fft_causal_conv,
@@ -256,10 +255,7 @@ class Attention(nn.Module):
         b, seq_len, _ = x.shape
         q, k, v = self.qkv(x).view(b, seq_len, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.rope(q, k)
-        if self.flash is not None and x.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            y = self.flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).reshape(b, seq_len, -1)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, seq_len, -1)
+        y = attend(q, k, v, causal=True, flash=self.flash)
         return self.out(y)
 
 
@@ -295,16 +291,7 @@ class Evo2(GenomicModel):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        std = self.cfg.initializer_range
-        scale = 1 / math.sqrt(2 * len(self.blocks))
-        for name, m in self.named_modules():
-            if isinstance(m, nn.Linear):
-                resid = name.endswith(("mixer.out", "mlp.down"))
-                nn.init.normal_(m.weight, 0.0, std * (scale if resid else 1.0))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, 0.0, std)
+        gpt2_init(self, self.cfg.initializer_range, len(self.blocks), ("mixer.out", "mlp.down"))
 
     def param_groups_overrides(self) -> dict[str, dict]:
         return {"mixer.filter.": {"weight_decay": self.cfg.filter_weight_decay, "lr_scale": self.cfg.filter_lr_scale}}

@@ -42,6 +42,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from glmtrain.models.base import GenomicModel, ModelConfig
+from glmtrain.models.layers import gpt2_init
 from glmtrain.models.ops import gelu_linear, hyena_gated_conv
 
 
@@ -246,16 +247,7 @@ class HyenaDNA(GenomicModel):
     def reset_parameters(self) -> None:
         # GPT-2 style as in HyenaDNA: every Linear N(0, 0.02) (the filter MLP too),
         # biases 0, residual projections scaled by 1/sqrt(2 * n_layers).
-        std = self.cfg.initializer_range
-        scale = 1 / math.sqrt(2 * self.cfg.n_layers)
-        for name, m in self.named_modules():
-            if isinstance(m, nn.Linear):
-                resid = name.endswith(("mixer.out_proj", "mlp.fc2"))
-                nn.init.normal_(m.weight, 0.0, std * (scale if resid else 1.0))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, 0.0, std)
+        gpt2_init(self, self.cfg.initializer_range, self.cfg.n_layers, ("mixer.out_proj", "mlp.fc2"))
 
     def param_groups_overrides(self) -> dict[str, dict]:
         return {"mixer.filter.": {"weight_decay": self.cfg.filter_weight_decay, "lr_scale": self.cfg.filter_lr_scale}}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -94,3 +96,31 @@ class GeluMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float = 0.0, flash=None) -> torch.Tensor:
+    """Multi-head attention core: q, k, v [batch, heads, seq, head_dim] -> [batch, seq, heads * head_dim].
+
+    ``flash`` is ``flash_attn_func`` when the optional package is present (used for fp16/bf16 CUDA
+    tensors); torch SDPA otherwise (flash / memory-efficient kernels on GPU, math kernel on CPU).
+    """
+    b, _, seq_len, _ = q.shape
+    if flash is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        y = flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, causal=causal)
+        return y.reshape(b, seq_len, -1)
+    y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
+    return y.transpose(1, 2).reshape(b, seq_len, -1)
+
+
+def gpt2_init(model: nn.Module, std: float, n_layers: int, residual_suffixes: tuple[str, ...]) -> None:
+    """GPT-2 initialisation: every Linear and Embedding N(0, std), biases 0, and the projections that
+    write into the residual stream (module names ending in ``residual_suffixes``) scaled by
+    1/sqrt(2 * n_layers)."""
+    scale = 1 / math.sqrt(2 * n_layers)
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, std * (scale if name.endswith(residual_suffixes) else 1.0))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, std)

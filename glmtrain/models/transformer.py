@@ -12,12 +12,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from glmtrain.models.base import GenomicModel, ModelConfig
-from glmtrain.models.layers import GeluMLP, RotaryEmbedding, SwiGLU, make_norm
+from glmtrain.models.layers import GeluMLP, RotaryEmbedding, SwiGLU, attend, gpt2_init, make_norm
+from glmtrain.models.ops import flash_attn_func
 
 
 @dataclass
@@ -47,15 +47,6 @@ class TransformerConfig(ModelConfig):
         return 4 * self.d_model
 
 
-def _flash_attn_func():
-    try:
-        from flash_attn import flash_attn_func  # type: ignore
-
-        return flash_attn_func
-    except ImportError:
-        return None
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -68,20 +59,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.rope = RotaryEmbedding(self.head_dim, cfg.rope_base, cfg.rope_interpolation)
-        self.flash = _flash_attn_func() if cfg.attention == "flash_attn" else None
+        self.flash = flash_attn_func() if cfg.attention == "flash_attn" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, l, _ = x.shape
         # -1 instead of n_heads lets a tensor-parallel plan shard heads without touching this code
         q, k, v = self.qkv(x).view(b, l, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.rope(q, k)
-        p = self.dropout if self.training else 0.0
-        if self.flash is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
-            y = self.flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=p, causal=self.causal)
-            y = y.reshape(b, l, -1)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=self.causal)
-            y = y.transpose(1, 2).reshape(b, l, -1)
+        y = attend(q, k, v, self.causal, self.dropout if self.training else 0.0, self.flash)
         return self.out(y)
 
 
@@ -115,14 +100,7 @@ class Transformer(GenomicModel):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # GPT-2 style: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layers)
-        std = 0.02
-        for name, p in self.named_parameters():
-            if p.dim() >= 2:
-                scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("attn.out.weight", "mlp.fc2.weight", "mlp.down.weight")) else 1.0
-                nn.init.normal_(p, 0.0, std * scale)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
+        gpt2_init(self, 0.02, self.cfg.n_layers, ("attn.out", "mlp.fc2", "mlp.down"))
 
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.cfg.max_seq_len and input_ids.shape[1] > self.cfg.max_seq_len:
