@@ -23,8 +23,6 @@ from glmtrain.models import build_model
 from glmtrain.objectives import bits_per_base, build_objective
 from glmtrain.tokenizers import build_tokenizer
 
-LN2 = math.log(2)
-
 
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float, schedule: str) -> float:
     """Multiplier of the peak lr at optimizer step ``step`` (0-based)."""
@@ -167,7 +165,7 @@ class GLMModule(L.LightningModule):
             if self.run.trainer.grad_clip:
                 clip_grad_norm(params, self.run.trainer.grad_clip)
         self.log("loss", total / max(wsum, 1e-8), prog_bar=True, on_step=True, batch_size=1)
-        self.log("train/bits_per_base", nats / LN2 / max(bases, 1e-9), on_step=True, batch_size=1)
+        self.log("train/bits_per_base", bits_per_base(nats, bases), on_step=True, batch_size=1)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if (batch_idx + 1) % self.trainer.accumulate_grad_batches:
@@ -198,7 +196,7 @@ class GLMModule(L.LightningModule):
         totals = torch.stack([self._val["nats"], self._val["bases"], self._val["tokens"]])
         totals = self._all_reduce(totals)  # over data-parallel ranks (tensor-parallel ranks saw the same windows)
         nats, bases, tokens = totals.tolist()
-        bpb = nats / LN2 / max(bases, 1e-9)
+        bpb = bits_per_base(nats, bases)
         self.last_val = {"bits_per_base": bpb, "nats": nats, "bases": bases, "tokens": tokens}
         self.log("val/bits_per_base", bpb, prog_bar=True, sync_dist=False, batch_size=1, rank_zero_only=True)
         self.log("val/loss", nats / max(tokens, 1e-9), sync_dist=False, batch_size=1, rank_zero_only=True)

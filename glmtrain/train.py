@@ -19,7 +19,6 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
-from lightning.pytorch.strategies import DDPStrategy
 
 from glmtrain.baselines import markov_baselines
 from glmtrain.checkpointing import AtomicCheckpointIO, StepCheckpoint, find_resume_checkpoint
