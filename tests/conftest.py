@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import os
 import random
 import signal
@@ -26,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SLURM_LOCAL = Path(os.environ.get("GLMTRAIN_SLURM_LOCAL", ROOT.parent / "shared" / "tools" / "slurm-local"))
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+LOCK_WAIT_S = int(os.environ.get("GLMTRAIN_SLURM_LOCK_WAIT_S", "900"))
 
 # A tiny, deterministic CPU run: 12 optimizer steps, a checkpoint every 2 (all kept), dropout on
 # (so that the restored RNG state matters), one torch thread per process (identical reductions
@@ -209,6 +211,22 @@ def slurm():
     if hasattr(os, "geteuid") and os.geteuid() != 0:
         _slurm_unavailable("start.sh must run as root")
     base = Path(os.environ.get("SLURM_LOCAL_BASE", "/tmp/slurm-local"))
+    # One test session at a time owns the machine's local SLURM (start --fresh / stop would pull the cluster
+    # from under a concurrent session's jobs): an exclusive lock, released at the end or when we die.
+    lock = open(f"{base}.tests.lock", "a+")
+    t0, waited = time.time(), False
+    while True:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if not waited:
+                print(f"\n[slurm] another test session holds {lock.name}; waiting (up to {LOCK_WAIT_S} s)")
+                waited = True
+            if time.time() - t0 > LOCK_WAIT_S:
+                lock.close()
+                _slurm_unavailable(f"another test session has held the local SLURM ({lock.name}) for {LOCK_WAIT_S} s")
+            time.sleep(1)
     try:
         t0 = time.time()
         res = subprocess.run(["bash", str(start), "--fresh"], capture_output=True, text=True, timeout=300)
@@ -222,3 +240,4 @@ def slurm():
         if stop.exists():
             r = subprocess.run(["bash", str(stop)], capture_output=True, text=True, timeout=180)
             print(f"\n[slurm] stopped (rc {r.returncode}): {r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ''}")
+        lock.close()  # releases the lock
