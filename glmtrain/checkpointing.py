@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import sys
@@ -27,6 +26,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from glmtrain.atomic import atomic_write
 from lightning.fabric.utilities.cloud_io import get_filesystem
 
 CKPT_RE = re.compile(r"^step=(\d+)\.ckpt$")
@@ -37,27 +38,13 @@ class CheckpointError(RuntimeError):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save to ``<name>.tmp-<pid>``, fsync, then os.replace onto the final name."""
+    """torch.save through :func:`glmtrain.atomic.atomic_write` (temporary name, fsync, rename)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         path = Path(path)
-        fs = get_filesystem(str(path))
-        fs.makedirs(str(path.parent), exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        get_filesystem(str(path)).makedirs(str(path.parent), exist_ok=True)
+        with atomic_write(path, sync_dir=True) as f:
+            torch.save(checkpoint, f)
 
 
 def step_path(ckpt_dir: Path, step: int) -> Path:

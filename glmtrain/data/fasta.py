@@ -28,6 +28,8 @@ import time
 import numpy as np
 import pyfaidx
 
+from glmtrain.atomic import atomic_write
+
 
 class DataInputError(ValueError):
     """Bad input data, phrased as one line naming the culprit and the remedy."""
@@ -134,13 +136,10 @@ def _decompress_once(path: Path, cache: Path) -> Path:
     kind = "bgzip" if _is_bgzip(path) else "gzip"
     print(f"glmtrain: {path} is {kind}-compressed (pyfaidx needs random access); decompressing it once into {out}",
           file=sys.stderr, flush=True)
-    tmp = out.with_suffix(f".tmp{os.getpid()}")
     try:
-        with gzip.open(path, "rb") as src, open(tmp, "wb") as dst:
+        with gzip.open(path, "rb") as src, atomic_write(out) as dst:
             shutil.copyfileobj(src, dst, 1 << 22)
-        os.replace(tmp, out)
     except (OSError, EOFError, gzip.BadGzipFile) as e:
-        tmp.unlink(missing_ok=True)
         raise DataInputError(f"{path}: cannot decompress ({e}); the file is truncated or not gzip - re-download it") from None
     return out
 

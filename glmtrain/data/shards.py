@@ -41,6 +41,7 @@ from typing import Iterator
 
 import numpy as np
 
+from glmtrain.atomic import atomic_write
 from glmtrain import __version__
 from glmtrain.data.fasta import DataInputError, fetch_bytes
 from glmtrain.data.plan import FORMAT_VERSION, SPLITS, Plan, Unit, plan_from_state, plan_state, unit_windows
@@ -82,16 +83,8 @@ _DIGIT_SUMS = [sum(b"%04d" % i) for i in range(10000)]  # digit sums of 0000..99
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        f.write(data)
 
 
 def _json_bytes(obj: object) -> bytes:
@@ -111,55 +104,47 @@ def write_unit(plan: Plan, unit: Unit, out: Path, fetch) -> dict:
     name, split = unit.name, unit.split
     strands = plan.strands(split)
     tar_path, idx_path = out / f"{name}.tar", out / f"{name}.idx.npy"
-    tmp = out / f".{name}.tar.tmp{os.getpid()}"
     sha = hashlib.sha256()
     rows: list[tuple] = []
     pos = bases = j = 0
     tail = f',"split":"{split}"}}'
     prefix = name.encode() + b"_"
     sum_dna, sum_json = sum(prefix) + sum(b".dna"), sum(prefix) + sum(b".json")
-    try:
-        with open(tmp, "wb") as f:
-            buf: list[bytes] = []
-            buflen = 0
-            for rec, starts, ends, seq, a in unit_windows(plan, unit, fetch):
-                r = plan.records[rec]
-                head = '{"species":' + json.dumps(r.species) + ',"record":' + json.dumps(r.name) + ',"start":'
-                for s, e in zip(starts.tolist(), ends.tolist()):
-                    fwd = seq[s - a : e - a]
-                    for strand in strands:
-                        data = fwd.tobytes() if strand == "+" else COMP[fwd[::-1]].tobytes()
-                        n = len(data)
-                        key = prefix + b"%07d" % j
-                        ksum = _DIGIT_SUMS[j // 10000 % 1000] - 48 + _DIGIT_SUMS[j % 10000] if j < 10**7 else None
-                        meta = f'{head}{s},"end":{e},"strand":"{strand}"{tail}'.encode()
-                        m = len(meta)
-                        buf += (tar_header(key + b".dna", n, None if ksum is None else sum_dna + ksum), data,
-                                _ZEROS[: -n % 512],
-                                tar_header(key + b".json", m, None if ksum is None else sum_json + ksum), meta,
-                                _ZEROS[: -m % 512])
-                        rows.append((pos + 512, n, zlib.crc32(data), rec, s, e, strand == "-"))
-                        step = 1024 + n + (-n % 512) + m + (-m % 512)
-                        pos += step
-                        buflen += step
-                        bases += n
-                        j += 1
-                    if buflen > (8 << 20):
-                        chunk = b"".join(buf)
-                        sha.update(chunk)
-                        f.write(chunk)
-                        buf, buflen = [], 0
-            buf.append(bytes(1024))  # end-of-archive marker
-            chunk = b"".join(buf)
-            sha.update(chunk)
-            f.write(chunk)
-            pos += 1024
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, tar_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(tar_path) as f:
+        buf: list[bytes] = []
+        buflen = 0
+        for rec, starts, ends, seq, a in unit_windows(plan, unit, fetch):
+            r = plan.records[rec]
+            head = '{"species":' + json.dumps(r.species) + ',"record":' + json.dumps(r.name) + ',"start":'
+            for s, e in zip(starts.tolist(), ends.tolist()):
+                fwd = seq[s - a : e - a]
+                for strand in strands:
+                    data = fwd.tobytes() if strand == "+" else COMP[fwd[::-1]].tobytes()
+                    n = len(data)
+                    key = prefix + b"%07d" % j
+                    ksum = _DIGIT_SUMS[j // 10000 % 1000] - 48 + _DIGIT_SUMS[j % 10000] if j < 10**7 else None
+                    meta = f'{head}{s},"end":{e},"strand":"{strand}"{tail}'.encode()
+                    m = len(meta)
+                    buf += (tar_header(key + b".dna", n, None if ksum is None else sum_dna + ksum), data,
+                            _ZEROS[: -n % 512],
+                            tar_header(key + b".json", m, None if ksum is None else sum_json + ksum), meta,
+                            _ZEROS[: -m % 512])
+                    rows.append((pos + 512, n, zlib.crc32(data), rec, s, e, strand == "-"))
+                    step = 1024 + n + (-n % 512) + m + (-m % 512)
+                    pos += step
+                    buflen += step
+                    bases += n
+                    j += 1
+                if buflen > (8 << 20):
+                    chunk = b"".join(buf)
+                    sha.update(chunk)
+                    f.write(chunk)
+                    buf, buflen = [], 0
+        buf.append(bytes(1024))  # end-of-archive marker
+        chunk = b"".join(buf)
+        sha.update(chunk)
+        f.write(chunk)
+        pos += 1024
     idx = np.array(rows, dtype=IDX_DTYPE) if rows else np.zeros(0, dtype=IDX_DTYPE)
     bio = io.BytesIO()
     np.save(bio, idx, allow_pickle=False)
