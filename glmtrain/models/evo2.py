@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from glmtrain.models.base import GenomicModel, ModelConfig
-from glmtrain.models.layers import RMSNorm, RotaryEmbedding, SwiGLU, attend, gpt2_init
+from glmtrain.models.layers import RMSNorm, RopeAttention, SwiGLU, gpt2_init
 from glmtrain.models.ops import (
     direct_causal_conv,
     fft_causal_conv,
@@ -240,31 +240,19 @@ class HyenaMixer(nn.Module):
         return self.out(y.transpose(1, 2))
 
 
-class Attention(nn.Module):
-    def __init__(self, cfg: Evo2Config):
-        super().__init__()
-        if cfg.d_model % cfg.n_heads:
-            raise ValueError(f"model.d_model={cfg.d_model} must be divisible by model.n_heads={cfg.n_heads}")
-        self.head_dim = cfg.d_model // cfg.n_heads
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.qkv_bias)
-        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.attn_out_bias)
-        self.rope = RotaryEmbedding(self.head_dim, cfg.rope_base, cfg.rope_interpolation)
-        self.flash = flash_attn_func() if cfg.attention == "flash_attn" else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, seq_len, _ = x.shape
-        q, k, v = self.qkv(x).view(b, seq_len, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.rope(q, k)
-        y = attend(q, k, v, causal=True, flash=self.flash)
-        return self.out(y)
-
-
 class Evo2Block(nn.Module):
     def __init__(self, cfg: Evo2Config, kind: str, layer_idx: int):
         super().__init__()
         self.kind = kind
         self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = Attention(cfg) if kind == "attention" else HyenaMixer(cfg, kind)
+        if kind == "attention":
+            # Evo 2 quirk: bias on the attention output projection only (released checkpoints)
+            self.mixer = RopeAttention(cfg.d_model, cfg.n_heads, causal=True, qkv_bias=cfg.qkv_bias,
+                                       out_bias=cfg.attn_out_bias, rope_base=cfg.rope_base,
+                                       rope_interpolation=cfg.rope_interpolation,
+                                       flash=flash_attn_func() if cfg.attention == "flash_attn" else None)
+        else:
+            self.mixer = HyenaMixer(cfg, kind)
         self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
         act = cfg.mlp_activation if (layer_idx == 0 or not cfg.mlp_act_first_layer_only) else "identity"
         self.mlp = SwiGLU(cfg.d_model, cfg.resolved_mlp_dim(), bias=False, activation=act)

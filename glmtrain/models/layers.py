@@ -124,3 +124,33 @@ def gpt2_init(model: nn.Module, std: float, n_layers: int, residual_suffixes: tu
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, 0.0, std)
+
+
+class RopeAttention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection, RoPE and :func:`attend`.
+
+    Shared by the Transformer baseline and Evo 2's attention blocks; tensor-parallel plans shard
+    ``qkv`` (column) and ``out`` (row) by name, and the head count is inferred from the local width.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, *, causal: bool, qkv_bias: bool, out_bias: bool,
+                 rope_base: float, rope_interpolation: float, dropout: float = 0.0, flash=None):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"model.d_model={d_model} must be divisible by model.n_heads={n_heads}")
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.causal = causal
+        self.dropout = dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=qkv_bias)
+        self.out = nn.Linear(d_model, d_model, bias=out_bias)
+        self.rope = RotaryEmbedding(self.head_dim, rope_base, rope_interpolation)
+        self.flash = flash
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, seq_len, _ = x.shape
+        # -1 instead of n_heads lets a tensor-parallel plan shard heads without touching this code
+        q, k, v = self.qkv(x).view(b, seq_len, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self.rope(q, k)
+        y = attend(q, k, v, self.causal, self.dropout if self.training else 0.0, self.flash)
+        return self.out(y)

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from glmtrain.models.base import GenomicModel, ModelConfig
-from glmtrain.models.layers import GeluMLP, RotaryEmbedding, SwiGLU, attend, gpt2_init, make_norm
+from glmtrain.models.layers import GeluMLP, RopeAttention, SwiGLU, gpt2_init, make_norm
 from glmtrain.models.ops import flash_attn_func
 
 
@@ -47,34 +47,13 @@ class TransformerConfig(ModelConfig):
         return 4 * self.d_model
 
 
-class Attention(nn.Module):
-    def __init__(self, cfg: TransformerConfig):
-        super().__init__()
-        if cfg.d_model % cfg.n_heads:
-            raise ValueError(f"model.d_model={cfg.d_model} must be divisible by model.n_heads={cfg.n_heads}")
-        self.n_heads = cfg.n_heads
-        self.head_dim = cfg.d_model // cfg.n_heads
-        self.causal = cfg.causal
-        self.dropout = cfg.dropout
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
-        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.rope = RotaryEmbedding(self.head_dim, cfg.rope_base, cfg.rope_interpolation)
-        self.flash = flash_attn_func() if cfg.attention == "flash_attn" else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, l, _ = x.shape
-        # -1 instead of n_heads lets a tensor-parallel plan shard heads without touching this code
-        q, k, v = self.qkv(x).view(b, l, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.rope(q, k)
-        y = attend(q, k, v, self.causal, self.dropout if self.training else 0.0, self.flash)
-        return self.out(y)
-
-
 class Block(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = RopeAttention(cfg.d_model, cfg.n_heads, causal=cfg.causal, qkv_bias=cfg.bias, out_bias=cfg.bias,
+                                  rope_base=cfg.rope_base, rope_interpolation=cfg.rope_interpolation,
+                                  dropout=cfg.dropout, flash=flash_attn_func() if cfg.attention == "flash_attn" else None)
         self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         hidden = cfg.resolved_ffn_dim()
         self.mlp = SwiGLU(cfg.d_model, hidden, bias=cfg.bias) if cfg.mlp == "swiglu" else GeluMLP(cfg.d_model, hidden, bias=cfg.bias)
