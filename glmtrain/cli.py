@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+from glmtrain import CONF_DIR
 
 
 def _fail(msg: str) -> None:

@@ -10,7 +10,9 @@ samples, RNG states).
 from __future__ import annotations
 
 import math
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -18,7 +20,8 @@ import torch
 from omegaconf import OmegaConf
 
 from glmtrain import __version__
-from glmtrain.config import RunConfig, compat_fingerprint
+from glmtrain.config import RunConfig
+from glmtrain.data.stream import StreamCursor
 from glmtrain.models import build_model
 from glmtrain.objectives import bits_per_base, build_objective
 from glmtrain.tokenizers import build_tokenizer
@@ -31,6 +34,8 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float, schedule: st
     if schedule == "constant":
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - (1 - min_ratio) * progress
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -59,24 +64,42 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 class GLMModule(L.LightningModule):
-    def __init__(self, run: RunConfig | dict):
+    """``run`` is the config of one stage (glmtrain.schedule.Stage.run); ``meta`` is what the run's
+    checkpoints record about that stage (index, global step offset, compatibility record)."""
+
+    def __init__(self, run: RunConfig | dict, meta: dict | None = None, cursor: StreamCursor | None = None):
         super().__init__()
         if isinstance(run, dict):  # from a checkpoint's hyper_parameters
             from glmtrain.config import validate
 
             run = validate(run)
         self.run = run
+        self.meta = dict(meta or {})
         self.save_hyperparameters({"config": OmegaConf.to_container(OmegaConf.structured(run))})
         self.tokenizer = build_tokenizer(OmegaConf.to_container(OmegaConf.structured(run.model.tokenizer)))
         self.objective = build_objective(run.objective, self.tokenizer)
         self.model = build_model(run.model, self.tokenizer.vocab_size)
-        self.consumed_samples = 0  # global samples consumed; the data stream's resume position
+        self.cursor = cursor if cursor is not None else StreamCursor()  # the data stream's resume position
         self._t_last: float | None = None
         self._tokens_since = 0
         # run-average throughput (all ranks' tokens; first step excluded as warm-up)
         self.train_tokens_timed = 0
         self.train_seconds_timed = 0.0
         self._val: dict[str, torch.Tensor] = {}
+
+    @property
+    def consumed_samples(self) -> int:
+        """Global training samples consumed in this stage (all data-parallel ranks)."""
+        return self.cursor.consumed
+
+    @consumed_samples.setter
+    def consumed_samples(self, value: int) -> None:
+        self.cursor.consumed = int(value)
+
+    @property
+    def step_offset(self) -> int:
+        """Optimizer steps of the schedule's earlier stages: global step = offset + this stage's step."""
+        return int(self.meta.get("offset", 0))
 
     # ------------------------------------------------------------------ helpers
     def _generator(self, salt: int) -> torch.Generator:
@@ -95,6 +118,9 @@ class GLMModule(L.LightningModule):
         if dp > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(t, group=group)
         return t
+
+    def setup(self, stage: str) -> None:
+        self.cursor.rank, self.cursor.world = self._dp()[:2]  # the data module's loaders read these
 
     def configure_model(self) -> None:
         """FSDP2 / tensor parallelism (strategy=fsdp|tp): shard ``self.model`` by its family's plan (glmtrain.parallel)."""
@@ -115,6 +141,13 @@ class GLMModule(L.LightningModule):
         return self.objective.loss(logits, prepared)
 
     # ----------------------------------------------------------------- training
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # debugging / tests: GLMTRAIN_DATA_TRACE=<dir> records the keys of every batch a rank trains on
+        trace = os.environ.get("GLMTRAIN_DATA_TRACE")
+        if trace and isinstance(batch, dict) and "key" in batch:
+            with open(Path(trace) / f"train.rank{self.global_rank}.tsv", "a") as f:
+                f.writelines(f"{int(i)}\t{k}\n" for i, k in zip(batch["index"], batch["key"]))
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """Loss normalised over the *global* batch: sum(w * CE) / sum(w) over every sample of every
         data-parallel rank and every accumulated micro-batch of the optimizer step, so that any split of
@@ -180,7 +213,7 @@ class GLMModule(L.LightningModule):
         sched = self.lr_schedulers()
         if sched is not None:
             self.log("lr", sched.get_last_lr()[0], on_step=True, batch_size=1)
-        self.log("global_step", float(self.global_step), on_step=True, batch_size=1)
+        self.log("global_step", float(self.step_offset + self.global_step), on_step=True, batch_size=1)
 
     # --------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
@@ -230,7 +263,7 @@ class GLMModule(L.LightningModule):
         checkpoint["glmtrain"] = {
             "version": __version__,
             "consumed_samples": self.consumed_samples,
-            "fingerprint": compat_fingerprint(self.run),
+            **self.meta,  # stage index and name, global step offset, compatibility record
             "world_size": self._dp()[1],  # data-parallel ranks (the data stream's divisor)
             "world_size_total": self.trainer.world_size if self._trainer is not None else 1,
             "micro_batch_size": self.run.trainer.micro_batch_size,

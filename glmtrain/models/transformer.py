@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -38,6 +39,9 @@ class TransformerConfig(ModelConfig):
     tie_embeddings: bool = True
     max_seq_len: int = 0  # 0 = unbounded (RoPE); >0 refuses longer inputs
     attention: str = "sdpa"  # sdpa | flash_attn (optional package)
+
+    SPEED_ONLY: ClassVar[tuple[str, ...]] = ModelConfig.SPEED_ONLY + ("attention",)
+    STAGE_KNOBS: ClassVar[tuple[str, ...]] = ("rope_base", "rope_interpolation")
 
     def resolved_ffn_dim(self) -> int:
         if self.ffn_dim:
