@@ -27,10 +27,18 @@ def main(cfg: DictConfig) -> None:
     from glmtrain.config import ConfigError, validate
     from glmtrain.data.fasta import DataInputError
 
+    from glmtrain.schedule import check
+
     try:
         run = validate(cfg)
+        schedule = check(run)  # every stage against data, model, strategy and world size
     except ConfigError as e:
         _fail(f"config: {e}")
+    if run.plan:  # the memory plan of every stage; nothing is trained or written
+        from glmtrain.memory import plan_report
+
+        print(plan_report(run, schedule), flush=True)
+        return
     from glmtrain.cluster import FLAG
     from glmtrain.faults import NumericalFault
     from glmtrain.train import train

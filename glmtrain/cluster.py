@@ -208,9 +208,11 @@ def agree_max(trainer: "L.Trainer", value: int) -> int:
 class Preemption(L.Callback):
     """Turn a recorded signal into: all-rank agreement -> checkpoint -> stop (-> requeue, by :meth:`finish`)."""
 
-    def __init__(self, actions: dict[str, str], save: Callable[["L.Trainer"], None], flag: SignalFlag = FLAG):
+    def __init__(self, actions: dict[str, str], save: Callable[["L.Trainer"], None], flag: SignalFlag = FLAG,
+                 step_offset: int = 0):
         validate_signal_actions(actions)
         self.actions, self.save, self.flag = dict(actions), save, flag
+        self.step_offset = step_offset  # steps of earlier stages: messages name global steps
         self.action: str | None = None  # what was agreed: stop | requeue
         self.signal_name: str | None = None
         self.step: int | None = None
@@ -233,7 +235,8 @@ class Preemption(L.Callback):
         code = agree_max(trainer, _SEVERITY[local])
         if code == 0 or 0 < trainer.max_steps <= trainer.global_step:
             return  # nothing to do, or this was the last step anyway (its checkpoint follows at train end)
-        self.action, self.signal_name, self.step = _BY_CODE[code], name or "a signal to another rank", trainer.global_step
+        self.action, self.signal_name = _BY_CODE[code], name or "a signal to another rank"
+        self.step = self.step_offset + trainer.global_step
         if trainer.is_global_zero:
             who = f"{name} received" if name else "another rank received a signal"
             print(f"glmtrain: {who}: saving a checkpoint at step {self.step} and stopping"

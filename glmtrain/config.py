@@ -436,6 +436,26 @@ def _check_signals(signals: dict[str, str]) -> None:
             raise ConfigError(f"trainer.signals.{name}={action!r}: allowed values are requeue, stop, ignore")
 
 
+def first_difference(old: Any, new: Any, prefix: str = "", where: str = "") -> str | None:
+    """The first key whose value differs between two nested dict/list records, as one phrase
+    (``data.window was 1024<where>, is 2048 now``), or None; keys in ``new``'s order, then ``old``'s extras."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in list(new) + [k for k in old if k not in new]:
+            d = first_difference(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{prefix}{k}.", where)
+            if d:
+                return d
+        return None
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new)):
+            d = first_difference(a, b, f"{prefix.rstrip('.')}[{i}].", where)
+            if d:
+                return d
+        return None
+    if old != new:
+        return f"{prefix.rstrip('.')} was {old!r}{where}, is {new!r} now"
+    return None
+
+
 def compose(overrides: list[str]) -> DictConfig:
     """The Hydra config of ``conf/`` with ``overrides``, as ``python -m glmtrain`` composes it (no validation)."""
     from hydra import compose as hydra_compose, initialize_config_dir

@@ -253,10 +253,24 @@ class GLMModule(L.LightningModule):
             # different meshes under 2-D parallelism)
             kw = {"foreach": False} if sharded else {"fused": (self.device.type == "cuda") or None}
             opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, **kw)
+        carried = getattr(self, "carried_optimizer_state", None)
+        if carried is not None:  # carry=weights+optimizer: the previous stage's moments, this stage's hyper-parameters
+            self._load_carried_state(opt, carried)
+            self.carried_optimizer_state = None
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_lambda(s, o.warmup_steps, t.max_steps, o.min_lr_ratio, o.schedule)
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    @staticmethod
+    def _load_carried_state(opt: torch.optim.Optimizer, saved: dict) -> None:
+        """Adam moments and step counts of the previous stage; lr, betas, decay and the schedule stay this stage's."""
+        groups = saved.get("param_groups", [])
+        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in opt.param_groups]:
+            raise RuntimeError("carry=weights+optimizer: the previous stage's optimizer has other parameter groups")
+        current = opt.state_dict()["param_groups"]
+        opt.load_state_dict({"state": saved.get("state", {}),
+                             "param_groups": [{**cur, "params": g["params"]} for cur, g in zip(current, groups)]})
 
     # ------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -33,7 +33,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from glmtrain.config import ConfigError, RunConfig, StageConfig
+from glmtrain.config import ConfigError, RunConfig, StageConfig, first_difference
 
 CARRY = ("weights", "weights+optimizer")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -120,44 +120,42 @@ def compat(run: RunConfig, schedule: Schedule, stage: Stage) -> dict[str, Any]:
     }
 
 
-def first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
-    if isinstance(old, dict) and isinstance(new, dict):
-        for k in list(new) + [k for k in old if k not in new]:
-            d = first_difference(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{prefix}{k}.")
-            if d:
-                return d
-        return None
-    if isinstance(old, list) and isinstance(new, list):
-        for i in range(max(len(old), len(new))):
-            a = old[i] if i < len(old) else "<absent>"
-            b = new[i] if i < len(new) else "<absent>"
-            d = first_difference(a, b, f"{prefix.rstrip('.')}[{i}].")
-            if d:
-                return d
-        return None
-    if old != new:
-        return f"{prefix.rstrip('.')} was {old!r} in the checkpoint, is {new!r} now"
-    return None
-
-
 def compat_problem(saved: dict, run: RunConfig, schedule: Schedule) -> str | None:
     """Why a checkpoint's compatibility record does not fit this config, or None.
 
-    The saved record covers the stages up to the checkpoint's; those must be defined exactly as
-    now (stages after it may have been added or changed).  Model maths and objective must match.
+    The saved record covers the stages up to the checkpoint's own: those must be defined exactly as
+    now (later stages may have been added or changed), except the length of the checkpoint's own
+    stage, which may be changed to train it longer or shorter (its schedule is recomputed for the
+    new length).  Model maths and objective must match.
     """
-    if not isinstance(saved, dict) or "stages" not in saved:
+    if not isinstance(saved, dict) or not isinstance(saved.get("stages"), list) or not saved["stages"]:
         return "the checkpoint has no stage record (written by another glmtrain version)"
     n = len(saved["stages"])
     if n > len(schedule.stages):
         return f"the checkpoint is from stage {n}, the schedule now has {len(schedule.stages)} stage(s)"
     now = compat(run, schedule, schedule.stages[n - 1])
-    names = {"stages": "context.stages"}
-    for key in ("model", "objective", "stages"):
-        d = first_difference(saved.get(key), now[key], f"{names.get(key, key)}.")
+    old_stages = [dict(s) for s in saved["stages"]]
+    new_stages = [dict(s) for s in now["stages"]]
+    old_stages[-1].pop("steps", None)
+    new_stages[-1].pop("steps", None)
+    for key, a, b in (("model", saved.get("model"), now["model"]), ("objective", saved.get("objective"), now["objective"]),
+                      ("context.stages", old_stages, new_stages)):
+        d = first_difference(a, b, f"{key}.", " in the checkpoint")
         if d:
+            if not run.context.stages:  # a plain run: name the keys the user set
+                for math_key, plain in PLAIN_NAMES.items():
+                    d = d.replace(f"context.stages[0].{math_key} ", f"{plain} ")
             return d
     return None
+
+
+# the keys of a plain run's single stage, as the user sets them
+PLAIN_NAMES = {
+    "window": "data.window", "global_batch_tokens": "tokens per step (trainer.global_batch_tokens, or micro-batch x "
+    "accumulate x data-parallel ranks)", "lr": "optim.lr", "final_lr": "the final lr (optim.lr x optim.min_lr_ratio)",
+    "warmup_steps": "optim.warmup_steps", "schedule": "optim.schedule", "rope_base": "model.rope_base",
+    "rope_interpolation": "model.rope_interpolation",
+}
 
 
 # ----------------------------------------------------------------------------- resolution
@@ -246,6 +244,10 @@ def resolve(run: RunConfig, dp: int | None = None, allow_context_parallel: bool 
             raise ConfigError(f"context.stages[{i}].schedule={schedule!r}: allowed values are {', '.join(SCHEDULES)}")
         if sc.carry not in CARRY:
             raise ConfigError(f"context.stages[{i}].carry={sc.carry!r}: allowed values are {', '.join(CARRY)}")
+        if sc.carry == "weights+optimizer" and i > 0 and run.strategy.name in ("fsdp", "tp", "deepspeed"):
+            raise ConfigError(f"context.stages[{i}].carry=weights+optimizer is supported under strategy auto and ddp "
+                              f"(the optimizer state is read from a single-file checkpoint); under strategy="
+                              f"{run.strategy.name} use carry=weights")
         if sc.context_parallel < 1:
             raise ConfigError(f"context.stages[{i}].context_parallel={sc.context_parallel}: must be >= 1")
         if sc.context_parallel > 1 and not allow_context_parallel:

@@ -35,10 +35,10 @@ import pyfaidx
 import torch
 from torch.utils.data import DataLoader
 
-from glmtrain.config import DataConfig
+from glmtrain.config import DataConfig, first_difference
 from glmtrain.data.fasta import DataInputError, default_cache_dir, fetch_bytes, resolve_path
 from glmtrain.data.plan import SPLITS, Plan, make_plan, policy, unit_windows
-from glmtrain.data.shards import COMP, ShardStore, build_shards, dir_lock, first_difference
+from glmtrain.data.shards import COMP, ShardStore, build_shards, dir_lock
 from glmtrain.data.stream import (EvalSamples, ResumableBatchSampler, StreamCursor, TrainOrder, TrainSamples,
                                   WindowEncoder, eval_rows)
 from glmtrain.tokenizers import Tokenizer
