@@ -285,11 +285,18 @@ def resolve(run: RunConfig, dp: int | None = None, allow_context_parallel: bool 
                                          global_batch_tokens=G or 0)
         sr.optim = dataclasses.replace(o, lr=lr, min_lr_ratio=final_lr / lr, warmup_steps=warmup, schedule=schedule)
         sr.context = dataclasses.replace(run.context, stages=[])
-        problem = strategy_problem(sr)
+        cp = sc.context_parallel
+        problem = strategy_problem(sr, cp)
+        if problem and allow_context_parallel and "cannot share" in problem:
+            # the memory plan: find the context-parallel degree this stage needs on this many GPUs
+            for c in (2, 4, 8, 16, 32, 64, 128, 256):
+                if not strategy_problem(sr, cp * c):
+                    cp, problem = cp * c, None
+                    break
         if problem:
             where = f"{sc.name or w} (window {w}): " if staged else ""
             raise ConfigError(f"{where}{problem}")
-        bp = batch_plan(sr, dp)
+        bp = batch_plan(sr, max(1, dp // cp))
         if steps < 1:
             raise ConfigError(f"{key('steps', 'trainer.max_steps')}={steps}: must be >= 1")
         if warmup >= steps and warmup > 0 and staged:
@@ -300,7 +307,7 @@ def resolve(run: RunConfig, dp: int | None = None, allow_context_parallel: bool 
             final_lr=final_lr, warmup_steps=warmup, schedule=schedule, carry=sc.carry,
             rope_base=getattr(model, "rope_base", None) if knobs else None,
             rope_interpolation=getattr(model, "rope_interpolation", None) if knobs else None,
-            context_parallel=sc.context_parallel, run=sr))
+            context_parallel=cp, run=sr))
         offset += steps
     if staged and t.max_steps not in (0, offset):
         raise ConfigError(f"trainer.max_steps={t.max_steps} conflicts with context={run.context.name} (its stages "

@@ -22,8 +22,11 @@ def deepspeed_available() -> bool:
     return importlib.util.find_spec("deepspeed") is not None
 
 
-def strategy_problem(run: Any) -> str | None:
-    """The first reason ``run.strategy`` cannot run (one line), or None."""
+def strategy_problem(run: Any, context_parallel: int = 1) -> str | None:
+    """The first reason ``run.strategy`` cannot run (one line), or None.
+
+    ``context_parallel`` ranks share each sample (its sequence split between them): the batch is
+    shared by world / (tp x context_parallel) data-parallel ranks."""
     from glmtrain.parallel.plans import plan_for, tp_problems
     from glmtrain.parallel.strategies import batch_plan, seq_tokens, topology
 
@@ -66,8 +69,10 @@ def strategy_problem(run: Any) -> str | None:
             return f"strategy.offload_params=true needs strategy.zero_stage=3 (is {s.zero_stage})"
     if s.name == "ddp_spawn" and s.checkpoint == "sharded":
         pass  # ddp_spawn writes single files; the option only concerns fsdp/tp
+    if topo.dp and topo.dp % context_parallel:
+        return f"context_parallel={context_parallel} does not divide the {topo.dp} data-parallel ranks"
     try:
-        batch_plan(run, topo.dp if topo.dp else 1)
+        batch_plan(run, max(1, (topo.dp or 1) // context_parallel))
     except ValueError as e:
         return str(e)
     return None
