@@ -457,13 +457,17 @@ def first_difference(old: Any, new: Any, prefix: str = "", where: str = "") -> s
 
 
 def compose(overrides: list[str]) -> DictConfig:
-    """The Hydra config of ``conf/`` with ``overrides``, as ``python -m glmtrain`` composes it (no validation)."""
+    """The Hydra config of ``conf/`` with ``overrides``, as ``python -m glmtrain`` composes it (not validated;
+    ``${hydra:...}`` interpolations such as the default run name resolve)."""
     from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
 
     from glmtrain import CONF_DIR
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+        cfg = hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
 
 
 def to_yaml(run: RunConfig) -> str:

@@ -299,8 +299,8 @@ def resolve(run: RunConfig, dp: int | None = None, allow_context_parallel: bool 
         bp = batch_plan(sr, max(1, dp // cp))
         if steps < 1:
             raise ConfigError(f"{key('steps', 'trainer.max_steps')}={steps}: must be >= 1")
-        if warmup >= steps and warmup > 0 and staged:
-            raise ConfigError(f"context.stages[{i}]: warmup ({warmup} steps) must be shorter than the stage ({steps} steps)")
+        if warmup > steps and staged:
+            raise ConfigError(f"context.stages[{i}]: warmup ({warmup} steps) is longer than the stage ({steps} steps)")
         stages.append(Stage(
             index=i, name=sc.name or (f"{i + 1}-{w}" if staged else str(w)), window=w, store_window=store,
             steps=steps, offset=offset, global_batch_tokens=bp.global_tokens, tokens_per_sample=L, lr=lr,
@@ -320,3 +320,26 @@ def resolve(run: RunConfig, dp: int | None = None, allow_context_parallel: bool 
 def check(run: RunConfig) -> Schedule:
     """Everything that must hold before a process starts: the schedule, each stage against the strategy."""
     return resolve(run, allow_context_parallel=run.plan)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m glmtrain.schedule [overrides...]``: the resolved stages, one line each (used by slurm/chain.sh):
+    ``<stage> <name> <window> <first step> <last step> <tokens per step>``."""
+    import sys
+
+    from glmtrain.config import compose, validate
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        run = validate(compose(argv))
+        schedule = check(run)
+    except ConfigError as e:
+        print(f"glmtrain.schedule: error: config: {e}", file=sys.stderr)
+        return 2
+    for s in schedule.stages:
+        print(s.index + 1, s.name, s.window, s.offset + 1, s.end, s.global_batch_tokens)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
