@@ -124,6 +124,17 @@ class Activations:
         return tokens * peak
 
 
+def _resolved(cfg: Any) -> Any:
+    """``cfg`` with derived widths written out (``mlp_dim: 0`` = rounded 8/3 d): a proxy must scale the
+    real width, not re-derive (and re-round) it from the proxy's d."""
+    c = copy.deepcopy(cfg)
+    for f in WIDTH_FIELDS[cfg.family]:
+        fn = getattr(c, f"resolved_{f}", None)
+        if getattr(c, f, None) == 0 and fn is not None:
+            setattr(c, f, fn())
+    return c
+
+
 def _proxy_k(cfg: Any, fields: tuple[str, ...]) -> int:
     """The largest k that divides every width field and keeps the proxy >= MIN_PROXY_WIDTH wide."""
     vals = [getattr(cfg, f) for f in fields if getattr(cfg, f, 0)]
@@ -157,12 +168,15 @@ def _count_saved():
     import importlib
 
     saved: dict[int, int] = {}  # storage -> bytes, saved outside checkpointed regions (and regions' inputs)
+    alive: list = []  # the storages themselves: a freed storage's address must not be reused while counting
     regions: list[tuple[Any, int, int]] = []  # (the region's function, bytes of its inputs, bytes it saves recomputed)
 
     def pack(t):
         try:
             s = t.untyped_storage()
-            saved[s.data_ptr()] = s.nbytes()
+            if s.data_ptr() not in saved:
+                saved[s.data_ptr()] = s.nbytes()
+                alive.append(s)
         except (RuntimeError, NotImplementedError):
             pass
         return t
@@ -176,13 +190,16 @@ def _count_saved():
         for a in args:  # the region keeps its inputs for the recomputation
             if isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() not in saved:
                 saved[a.untyped_storage().data_ptr()] = a.untyped_storage().nbytes()
+                alive.append(a.untyped_storage())
                 kept += a.untyped_storage().nbytes()
         inner: dict[int, int] = {}
 
         def pack_inner(t):
             try:
                 s = t.untyped_storage()
-                inner[s.data_ptr()] = s.nbytes()
+                if s.data_ptr() not in inner:
+                    inner[s.data_ptr()] = s.nbytes()
+                    alive.append(s)
             except (RuntimeError, NotImplementedError):
                 pass
             return t
@@ -261,6 +278,7 @@ def measure_activations(model_cfg: Any, vocab: int, tokens: int, dtype: torch.dt
     chunk = None
     if hasattr(model_cfg, "filter_chunk"):  # reproduce the chunked (or not) filter regime of the real length
         chunk = 64 if 0 < model_cfg.filter_chunk < tokens else 1 << 30
+    model_cfg = _resolved(model_cfg)
     k1 = _proxy_k(model_cfg, fields)
     widths = [k1] if k1 == 1 else [k1, k1 // 2 if k1 % 2 == 0 and k1 > 1 else k1]
     per_width = []
@@ -296,6 +314,53 @@ def _measure_widths(model_cfg, vocab, widths, chunk, dtype, L1, L2) -> list[tupl
 
 
 _CACHE: dict[tuple, list[float]] = {}
+
+
+class PeakLiveBytes:
+    """Context manager: the peak of live bytes of the CPU tensor storages created inside it (a dispatch mode
+    adds each new storage and a finalizer subtracts it when freed) -- a measured peak to check estimates."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                torch.utils._pytree.tree_map(outer._track, out)
+                return out
+
+        self._mode = _Mode()
+        self.live: dict[int, int] = {}
+        self.cur = self.peak = 0
+
+    def _track(self, t):
+        import weakref
+
+        if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+            return t
+        st = t.untyped_storage()
+        key, n = st.data_ptr(), st.nbytes()
+        if n == 0 or key in self.live:
+            return t
+        self.live[key] = n
+        self.cur += n
+        self.peak = max(self.peak, self.cur)
+
+        def freed(key=key, n=n):
+            if self.live.pop(key, None) is not None:
+                self.cur -= n
+
+        weakref.finalize(st, freed)
+        return t
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
 
 
 # ----------------------------------------------------------------------------- the plan

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import os
 import random
@@ -55,6 +56,15 @@ def _ckpt(run_dir: Path, step: int) -> dict:
     return torch.load(step_path(run_dir / "checkpoints", step), map_location="cpu", weights_only=False)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The runs use trainer.threads=1 (deterministic reductions); the evaluation too. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
@@ -62,13 +72,9 @@ def cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, cache) -> Path:
-    """The uninterrupted schedule, in-process (torch's thread count restored afterwards)."""
+    """The uninterrupted schedule, in-process."""
     run_dir = tmp_path_factory.mktemp("ctxref") / "run"
-    threads = torch.get_num_threads()
-    try:
-        result = train(compose_run([*TINY, f"run_dir={run_dir}", f"data.cache_dir={cache}"]))
-    finally:
-        torch.set_num_threads(threads)
+    result = train(compose_run([*TINY, f"run_dir={run_dir}", f"data.cache_dir={cache}"]))
     assert result["steps"] == 24
     return run_dir
 
@@ -134,11 +140,7 @@ def test_sigkill_in_stage3_resumes_in_stage3_and_ends_bit_identical(tmp_path, re
         pytest.fail(f"could not kill the run inside stage 3: checkpoints {saved}")
     assert not (run_dir / "final.json").exists()
     capsys.readouterr()
-    threads = torch.get_num_threads()
-    try:
-        train(compose_run(args))  # the same command again
-    finally:
-        torch.set_num_threads(threads)
+    train(compose_run(args))  # the same command again
     out = capsys.readouterr()
     log = out.out + out.err
     assert "resuming in stage 3 (3-256)" in log
@@ -179,13 +181,33 @@ def test_speed_only_knobs_may_change_math_knobs_are_refused(tmp_path, reference,
         assert "\n" not in str(e.value)
     assert before == {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}  # nothing touched
     # speed-only knobs (fused kernel, filter chunking, activation checkpointing) and a later stage's definition
-    threads = torch.get_num_threads()
-    try:
-        result = train(compose_run([*base, "model.fused_hyena=false", "model.filter_chunk=100",
-                                    "+context.stages.3.activation_checkpointing=true", "context.stages.4.steps=5"]))
-    finally:
-        torch.set_num_threads(threads)
+    result = train(compose_run([*base, "model.fused_hyena=false", "model.filter_chunk=100",
+                                "+context.stages.3.activation_checkpointing=true", "context.stages.4.steps=5"]))
     assert result["steps"] == 25
     ref, got = _ckpt(reference, 16), _ckpt(run_dir, 16)  # stage 3 finished from the same checkpoint: same maths
     for k, v in ref["state_dict"].items():
         torch.testing.assert_close(got["state_dict"][k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_evaluation_by_context_scores_the_same_bases_for_every_context(reference):
+    from glmtrain.evaluate import evaluate, format_table, held_out, load_run
+    from glmtrain.models import build_model
+
+    res = evaluate(reference, contexts=[64, 256, 1024], windows=4, say=lambda m: None)
+    assert [r["stage"] for r in res["stages"]] == ["1-64", "2-128", "3-256", "4-512", "5-1024"]
+    assert res["target"] == 32 and (reference / "context_eval.json").exists()
+    for row in res["stages"]:
+        assert all(0 < v < 4 for v in row["bits_per_base"].values())
+    assert "gain" in format_table(res)
+    # one cell recomputed by hand: the last stage's model on the whole 1,024-base windows
+    run, schedule = load_run(reference)
+    ids, w = held_out(run, 1024, "valid", 4)
+    model = build_model(schedule.stages[-1].run.model, 16).eval()
+    sd = _ckpt(reference, 24)["state_dict"]
+    model.load_state_dict({k.removeprefix("model."): v for k, v in sd.items()})
+    with torch.no_grad():
+        logits = model(ids)[:, -33:-1]
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 16).double(), ids[:, -32:].reshape(-1), reduction="none")
+    mask = (w[:, -32:] > 0).reshape(-1).double()
+    bits = float((ce * mask).sum() / mask.sum()) / math.log(2)
+    assert abs(bits - res["stages"][-1]["bits_per_base"]["1024"]) < 1e-6
