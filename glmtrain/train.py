@@ -150,7 +150,7 @@ class Manifest:
         for row in schedule.table():
             p = prev.get(row["name"], {})
             keep = {k: p[k] for k in ("status", "init_from", "init_sha256", "final_checkpoint", "final_sha256",
-                                      "val_bits_per_base", "val_bases", "train_tok_s", "wall_s") if k in p}
+                                      "val_bits_per_base", "val_bases", "train_tok_s", "peak_mem_gib", "wall_s") if k in p}
             self.data["stages"].append({**row, "status": "pending", **keep})
 
     def stage(self, stage: Stage) -> dict:
@@ -316,7 +316,10 @@ def _train_stage(run: RunConfig, schedule: Schedule, stage: Stage, manifest: Man
     trainer.callbacks.extend([StepSeed(seed), guard, preempt])
     if resume is not None:
         _say(f"resuming from {resume}")
+    if accelerator == "gpu":
+        torch.cuda.reset_peak_memory_stats()
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None, weights_only=False)
+    peak_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2) if accelerator == "gpu" else None
     step = stage.offset + trainer.global_step
     if guard.fault or preempt.triggered:  # interrupted: no evaluation, the stage stays "running"
         requeued = False if guard.fault else preempt.finish(trainer)  # rank 0 under SLURM: `scontrol requeue`
@@ -346,6 +349,8 @@ def _train_stage(run: RunConfig, schedule: Schedule, stage: Stage, manifest: Man
         row.update(val_bits_per_base=out["val_bits_per_base"], val_bases=out["val_bases"])
     if "train_tok_s" in out:
         row["train_tok_s"] = out["train_tok_s"]
+    if peak_gib is not None:  # torch.cuda.max_memory_allocated of this stage's training
+        row["peak_mem_gib"] = peak_gib
     row["wall_s"] = round(time.perf_counter() - t0, 1)
     manifest.update(stage, **row)
     if multi:
