@@ -255,7 +255,9 @@ class GLMModule(L.LightningModule):
             opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, **kw)
         carried = getattr(self, "carried_optimizer_state", None)
         if carried is not None:  # carry=weights+optimizer: the previous stage's moments, this stage's hyper-parameters
-            self._load_carried_state(opt, carried)
+            from glmtrain.parallel.strategies import optim_state_by_index
+
+            self._load_carried_state(opt, optim_state_by_index(carried, opt, self))
             self.carried_optimizer_state = None
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_lambda(s, o.warmup_steps, t.max_steps, o.min_lr_ratio, o.schedule)

@@ -41,6 +41,7 @@ from glmtrain.baselines import markov_baselines
 from glmtrain.checkpointing import (AtomicCheckpointIO, CheckpointError, StepCheckpoint, StepSeed, check_state_shapes,
                                     checkpoint_step, find_resume_checkpoint, load_optimizer_state, load_weights,
                                     step_path, weights_sha256)
+from glmtrain.ckpt_formats import refuse_foreign
 from glmtrain.cluster import Preemption, cluster_environment
 from glmtrain.config import RunConfig, to_yaml
 from glmtrain.data.genome import GenomeDataModule
@@ -274,7 +275,7 @@ def _train_stage(run: RunConfig, schedule: Schedule, stage: Stage, manifest: Man
     cluster_env = cluster_environment()  # srun/sbatch: SLURMEnvironment(auto_requeue=False); torchrun: TorchElastic
     topo = parallel.topology(sr)  # world from torchrun/SLURM when launched by them, else trainer.devices x num_nodes
     if resume is not None:
-        parallel.refuse_foreign_checkpoint(resume, sr.strategy.name)  # DeepSpeed <-> others: one line
+        refuse_foreign(resume, sr.strategy.name)  # DeepSpeed <-> others: one line
     batch = parallel.batch_plan(sr, topo.dp)  # micro-batch and accumulation derived from the world size
     _say(parallel.describe(sr, topo, batch))
     data = GenomeDataModule(sr.data, module.tokenizer, batch.micro, seed, cursor)
@@ -318,7 +319,7 @@ def _train_stage(run: RunConfig, schedule: Schedule, stage: Stage, manifest: Man
         _say(f"resuming from {resume}")
     if accelerator == "gpu":
         torch.cuda.reset_peak_memory_stats()
-    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None, weights_only=False)
+    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None, weights_only=True)
     peak_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2) if accelerator == "gpu" else None
     step = stage.offset + trainer.global_step
     if guard.fault or preempt.triggered:  # interrupted: no evaluation, the stage stays "running"
@@ -343,7 +344,7 @@ def _train_stage(run: RunConfig, schedule: Schedule, stage: Stage, manifest: Man
     row = {"status": "complete", "final_checkpoint": str(final), "final_sha256": weights_sha256(module.state_dict())}
     if run.eval.final:
         trainer.limit_val_batches = 1.0
-        trainer.validate(module, datamodule=data, verbose=False, weights_only=False)
+        trainer.validate(module, datamodule=data, verbose=False, weights_only=True)
         out["val_bits_per_base"] = module.last_val["bits_per_base"]
         out["val_bases"] = module.last_val["bases"]
         row.update(val_bits_per_base=out["val_bits_per_base"], val_bases=out["val_bases"])
