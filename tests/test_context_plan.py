@@ -71,3 +71,18 @@ def test_plan_report_per_stage_with_verdicts():
         assert len(rows) == 5 and f"card {card} GiB" in text
         assert all(verdict in r for r in rows), text
     assert "activation_checkpointing=true" in rows[-1] and "memory plan: model hyena-tiny-1k" in text
+
+
+def test_shipped_schedules_resolve_with_their_published_numbers():
+    evo = check(compose_run(["model=evo2_7b", "context=evo2_8k_to_1m", "strategy=fsdp", "trainer.devices=8",
+                             "plan=true"])).stages
+    assert [s.window for s in evo] == [8192, 32768, 65536, 131072, 262144, 524288, 1_048_576]
+    for s in evo[1:]:  # the extension stages: 12,500 iterations at 3e-5 -> 3e-6, 5 % warmup, weights only
+        assert (s.steps, s.lr, s.final_lr, s.warmup_steps, s.carry) == (12_500, 3e-5, 3e-5 * 0.1, 625, "weights")
+        assert (s.rope_base, s.rope_interpolation) == (10_000.0, s.window / 8192)
+        assert s.global_batch_tokens == 4_194_304 and s.run.trainer.micro_batch_size == 1
+    assert evo[-1].context_parallel == 2  # 4 samples of 1M per step on 8 GPUs: the plan needs 2 GPUs per sample
+    hy = check(compose_run(["model=hyena_small_32k", "context=hyena_1k_to_32k"])).stages
+    assert [s.window for s in hy] == [1024 * 2**i for i in range(6)]
+    assert {s.global_batch_tokens for s in hy} == {262_144} and [s.global_batch_tokens // s.window for s in hy][::5] == [256, 8]
+    assert all(s.carry == "weights+optimizer" for s in hy[1:])

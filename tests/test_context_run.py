@@ -211,3 +211,19 @@ def test_evaluation_by_context_scores_the_same_bases_for_every_context(reference
     mask = (w[:, -32:] > 0).reshape(-1).double()
     bits = float((ce * mask).sum() / mask.sum()) / math.log(2)
     assert abs(bits - res["stages"][-1]["bits_per_base"]["1024"]) < 1e-6
+
+
+def test_carry_weights_and_optimizer_continues_adam(tmp_path, cache):
+    """carry=weights+optimizer (HyenaDNA's warm-up): stage 2 continues stage 1's AdamW moments and step count,
+    with its own learning rate; carry=weights starts them afresh."""
+    steps = {}
+    for carry in ("weights", "weights+optimizer"):
+        run_dir = tmp_path / carry
+        train(compose_run([*TINY, f"run_dir={run_dir}", f"data.cache_dir={cache}", "eval.final=false",
+                           f"context.stages=[{{window:64,steps:2}},{{window:128,steps:2,carry:'{carry}',lr:0.001}}]"]))
+        ck = _ckpt(run_dir, 4)
+        state = ck["optimizer_states"][0]
+        steps[carry] = {int(v["step"]) for v in state["state"].values()}
+        assert all(abs(g["lr"] - 0.001 * g.get("lr_scale", 1.0) * ck["lr_schedulers"][0]["_last_lr"][0] / 0.001
+                       / g.get("lr_scale", 1.0)) < 1e-12 for g in state["param_groups"])
+    assert steps == {"weights": {2}, "weights+optimizer": {4}}
