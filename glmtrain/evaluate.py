@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -35,7 +34,10 @@ def _fail(msg: str) -> None:
     sys.exit(2)
 
 
-def _args(argv: list[str]) -> dict[str, str]:
+def _args(argv: list[str]) -> dict[str, str] | None:
+    """key=value arguments (None: help was asked for)."""
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        return None
     out = {}
     for a in argv:
         if "=" not in a:
@@ -157,12 +159,10 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    a = _args(sys.argv[1:] if argv is None else argv)
+    if a is None:
         print(__doc__)
         return 0
-    a = _args(argv)
     from glmtrain.checkpointing import CheckpointError
     from glmtrain.config import ConfigError
     from glmtrain.data.fasta import DataInputError

@@ -171,15 +171,17 @@ def _count_saved():
     alive: list = []  # the storages themselves: a freed storage's address must not be reused while counting
     regions: list[tuple[Any, int, int]] = []  # (the region's function, bytes of its inputs, bytes it saves recomputed)
 
-    def pack(t):
-        try:
-            s = t.untyped_storage()
-            if s.data_ptr() not in saved:
-                saved[s.data_ptr()] = s.nbytes()
-                alive.append(s)
-        except (RuntimeError, NotImplementedError):
-            pass
-        return t
+    def packer(into: dict[int, int]):
+        def pack(t):
+            try:
+                s = t.untyped_storage()
+                if s.data_ptr() not in into:
+                    into[s.data_ptr()] = s.nbytes()
+                    alive.append(s)
+            except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. sparse, fake)
+                pass
+            return t
+        return pack
 
     import torch.utils.checkpoint as tuc
 
@@ -193,18 +195,7 @@ def _count_saved():
                 alive.append(a.untyped_storage())
                 kept += a.untyped_storage().nbytes()
         inner: dict[int, int] = {}
-
-        def pack_inner(t):
-            try:
-                s = t.untyped_storage()
-                if s.data_ptr() not in inner:
-                    inner[s.data_ptr()] = s.nbytes()
-                    alive.append(s)
-            except (RuntimeError, NotImplementedError):
-                pass
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack_inner, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(packer(inner), lambda t: t):
             fn(*args)  # what recomputation saves while the region is being differentiated
         regions.append((fn, kept, sum(inner.values())))
         return real(fn, *args, **kw)
@@ -215,7 +206,7 @@ def _count_saved():
             patched.append(mod)
             mod.checkpoint = counting_checkpoint
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(packer(saved), lambda t: t):
             yield saved, regions
     finally:
         for mod in patched:
