@@ -31,14 +31,9 @@ def main(cfg: DictConfig) -> None:
 
     try:
         run = validate(cfg)
-        schedule = check(run)  # every stage against data, model, strategy and world size
+        check(run)  # every stage against data, model, strategy and world size
     except ConfigError as e:
         _fail(f"config: {e}")
-    if run.plan:  # the memory plan of every stage; nothing is trained or written
-        from glmtrain.memory import plan_report
-
-        print(plan_report(run, schedule), flush=True)
-        return
     from glmtrain.cluster import FLAG
     from glmtrain.faults import NumericalFault
     from glmtrain.train import train

@@ -195,6 +195,12 @@ def where_we_are(run: RunConfig, schedule: Schedule, ckpt_dir: Path) -> tuple[Pa
 def train(run: RunConfig) -> dict:
     t0 = time.perf_counter()
     schedule = check(run)
+    if run.plan:  # the memory plan of every stage; nothing is trained or written
+        from glmtrain.memory import plan_report
+
+        text = plan_report(run, schedule)
+        print(text, flush=True)
+        return {"plan": text}
     run_dir = Path(run.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     resume, first, inside = where_we_are(run, schedule, ckpt_dir)  # refuses incompatible runs before any write

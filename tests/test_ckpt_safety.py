@@ -33,7 +33,8 @@ class Payload:
 
 def _ckpt(**extra) -> dict:
     """A minimal checkpoint that passes glmtrain's metadata checks."""
-    return {"glmtrain": {"consumed_samples": 8, "fingerprint": {"model": {}, "objective": {}},
+    return {"glmtrain": {"consumed_samples": 8, "stage": 0, "offset": 0,
+                         "compat": {"model": {}, "objective": {}, "stages": [{}]},
                          "rng": {"torch": torch.get_rng_state(), "cuda": []}},
             "global_step": 2, "state_dict": {"w": torch.ones(2, 3)}, "loops": {},
             "optimizer_states": [{"state": {}, "param_groups": []}], **extra}
@@ -65,7 +66,7 @@ def test_file_checkpoint_with_payload_is_refused_and_resume_does_not_fall_back(t
         read_meta(evil)
     assert "references io.open" in _one_line_naming(e.value, evil)  # the global it asked for
     with pytest.raises(UnsafeCheckpointError):  # a planted newest file stops the resume; no silent fallback
-        find_resume_checkpoint(d, {"model": {}, "objective": {}})
+        find_resume_checkpoint(d, lambda meta: None)
     with pytest.raises(UnsafeCheckpointError):  # Lightning's own load path (trainer.fit ckpt_path=...)
         ckpt_formats.AtomicCheckpointIO().load_checkpoint(evil, weights_only=False)
     assert not marker.exists()
