@@ -269,7 +269,7 @@ def _train_stage(run: RunConfig, schedule: Schedule, stage: Stage, manifest: Man
         if source is None and run.trainer.init_from:
             source = run.trainer.init_from
         if source is not None:
-            load_weights(source, module, say=_say)
+            source = load_weights(source, module, say=_say)  # the checkpoint file a run directory resolves to
             if stage.index > 0 and stage.carry == "weights+optimizer":
                 module.carried_optimizer_state = load_optimizer_state(Path(source))
             manifest.update(stage, init_from=str(source), init_sha256=weights_sha256(module.state_dict()))

@@ -227,3 +227,15 @@ def test_carry_weights_and_optimizer_continues_adam(tmp_path, cache):
         assert all(abs(g["lr"] - 0.001 * g.get("lr_scale", 1.0) * ck["lr_schedulers"][0]["_last_lr"][0] / 0.001
                        / g.get("lr_scale", 1.0)) < 1e-12 for g in state["param_groups"])
     assert steps == {"weights": {2}, "weights+optimizer": {4}}
+
+
+def test_init_from_starts_the_first_stage_from_another_runs_weights(tmp_path, reference, cache):
+    """trainer.init_from (weights only) is where the first stage starts: e.g. released 8k weights for the Evo 2 ladder."""
+    run_dir = tmp_path / "run"
+    train(compose_run([*TINY, f"run_dir={run_dir}", f"data.cache_dir={cache}", f"trainer.init_from={reference}",
+                       "eval.final=false", "context.stages=[{window:256,steps:2}]"]))
+    row = json.loads((run_dir / "run.json").read_text())["stages"][0]
+    assert row["init_from"] == str(step_path(reference / "checkpoints", 24))  # the newest checkpoint of that run
+    assert row["init_sha256"] == _sha(_ckpt(reference, 24)["state_dict"])
+    ck = _ckpt(run_dir, 2)
+    assert ck["global_step"] == 2 and ck["glmtrain"]["consumed_samples"] == 2 * 4  # fresh schedule and data position
