@@ -67,7 +67,8 @@ class GLMModule(L.LightningModule):
     """``run`` is the config of one stage (glmtrain.schedule.Stage.run); ``meta`` is what the run's
     checkpoints record about that stage (index, global step offset, compatibility record)."""
 
-    def __init__(self, run: RunConfig | dict, meta: dict | None = None, cursor: StreamCursor | None = None):
+    def __init__(self, run: RunConfig | dict, meta: dict | None = None, cursor: StreamCursor | None = None,
+                 carried_optimizer_state: dict | None = None):
         super().__init__()
         if isinstance(run, dict):  # from a checkpoint's hyper_parameters
             from glmtrain.config import validate
@@ -80,6 +81,8 @@ class GLMModule(L.LightningModule):
         self.objective = build_objective(run.objective, self.tokenizer)
         self.model = build_model(run.model, self.tokenizer.vocab_size)
         self.cursor = cursor if cursor is not None else StreamCursor()  # the data stream's resume position
+        # carry=weights+optimizer: the previous stage's optimizer state, loaded into this stage's optimizer
+        self.carried_optimizer_state = carried_optimizer_state
         self._t_last: float | None = None
         self._tokens_since = 0
         # run-average throughput (all ranks' tokens; first step excluded as warm-up)
@@ -253,7 +256,7 @@ class GLMModule(L.LightningModule):
             # different meshes under 2-D parallelism)
             kw = {"foreach": False} if sharded else {"fused": (self.device.type == "cuda") or None}
             opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, **kw)
-        carried = getattr(self, "carried_optimizer_state", None)
+        carried = self.carried_optimizer_state
         if carried is not None:  # carry=weights+optimizer: the previous stage's moments, this stage's hyper-parameters
             from glmtrain.parallel.strategies import optim_state_by_index
 
