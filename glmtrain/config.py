@@ -146,6 +146,8 @@ class TrainerConfig:
     deterministic: bool = False
     progress: str = "tqdm"  # tqdm | rich | none
     threads: int = 0  # torch intra-op threads per process (0 = torch default)
+    # peak TFLOP/s of one device for MFU (0 = from glmtrain.flops.PEAK_TFLOPS by GPU name; unknown on CPU)
+    peak_tflops: float = 0.0
     # Signal -> action (glmtrain.cluster). The handler only sets a flag; at the next optimizer-step
     # boundary all ranks agree, save a checkpoint and stop. requeue: then `scontrol requeue` the SLURM
     # job (which resumes from that checkpoint) | stop: no requeue | ignore.

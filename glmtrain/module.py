@@ -70,6 +70,13 @@ class GLMModule(L.LightningModule):
         self.tokenizer = build_tokenizer(OmegaConf.to_container(OmegaConf.structured(run.model.tokenizer)))
         self.objective = build_objective(run.objective, self.tokenizer)
         self.model = build_model(run.model, self.tokenizer.vocab_size)
+        from glmtrain.flops import count
+        from glmtrain.parallel.strategies import seq_tokens
+
+        # model FLOPs per training token (fwd + bwd) from the unsharded shapes, for MFU (glmtrain.flops)
+        self.flops = count(self.model, seq_tokens(run), run.trainer.micro_batch_size)
+        self._peak_flops: float | None = None
+        self._loss_scale: float | None = None
         self.consumed_samples = 0  # global samples consumed; the data stream's resume position
         self._t_last: float | None = None
         self._tokens_since = 0
@@ -142,7 +149,8 @@ class GLMModule(L.LightningModule):
             w = self._all_reduce(wsum.detach().double().clone())
             # DeepSpeed averages over ranks and divides by its accumulation steps, and Lightning divides once more
             return total * (dp * accumulate / w.clamp_min(1e-8)).to(total.dtype)
-        self._loss_scale = 1.0 / (micro * seq)  # keeps the returned value O(1) (fp16 loss scaling, logs)
+        if self._loss_scale is None:  # one constant for the whole run: on_before_optimizer_step divides it out
+            self._loss_scale = 1.0 / (micro * seq)  # keeps the returned value O(1) (fp16 loss scaling, logs)
         return total * self._loss_scale
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -167,13 +175,28 @@ class GLMModule(L.LightningModule):
         self.log("loss", total / max(wsum, 1e-8), prog_bar=True, on_step=True, batch_size=1)
         self.log("train/bits_per_base", bits_per_base(nats, bases), on_step=True, batch_size=1)
 
+    def on_fit_start(self) -> None:
+        from glmtrain.flops import peak_flops
+
+        self._peak_flops = peak_flops(self.device, self.run.trainer.peak_tflops)
+        if self.trainer.is_global_zero:
+            peak = f"{self._peak_flops / 1e12:.0f} TFLOP/s per device" if self._peak_flops else "unknown peak: set trainer.peak_tflops for MFU"
+            print(f"glmtrain: model FLOPs {self.flops.describe()}; {peak}", flush=True)
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if (batch_idx + 1) % self.trainer.accumulate_grad_batches:
             return
         now = time.perf_counter()
         if self._t_last is not None and now > self._t_last:
-            tok_s = self._tokens_since / (now - self._t_last)
+            from glmtrain.flops import mfu
+
+            tok_s = self._tokens_since / (now - self._t_last)  # all data-parallel ranks' tokens
             self.log("tok_s", tok_s, prog_bar=True, on_step=True, batch_size=1, reduce_fx="max")
+            devices = self.trainer.world_size if self._trainer is not None else 1
+            self.log("tflops", tok_s * self.flops.train / devices / 1e12, on_step=True, batch_size=1, reduce_fx="max")
+            u = mfu(tok_s, self.flops.train, devices, self._peak_flops)
+            if u is not None:
+                self.log("mfu", u, prog_bar=True, on_step=True, batch_size=1, reduce_fx="max")
             self.train_tokens_timed += self._tokens_since
             self.train_seconds_timed += now - self._t_last
         self._t_last, self._tokens_since = now, 0
