@@ -129,11 +129,11 @@ class GLMModule(L.LightningModule):
 
         Each micro-step returns its unnormalised sum(w * CE) times a fixed constant; the exact factor
         (the global weight sum is only known after the last micro-batch) is applied to the gradients in
-        :meth:`on_before_optimizer_step`.  Under DeepSpeed (gradients are partitioned inside the engine)
-        each micro-batch is normalised by its weight sum over the ranks instead (exact without accumulation).
+        :meth:`on_before_optimizer_step` -- under DeepSpeed, whose partitioned gradients live inside the
+        engine, as the ZeRO optimizer's external loss scale, which it divides out before clipping and the
+        update.  (DeepSpeed under fp16 keeps its dynamic loss scaler: there each micro-batch is normalised
+        by its own weight sum over the ranks instead, exact without accumulation.)
         """
-        from glmtrain.parallel.strategies import is_deepspeed
-
         _, dp, _ = self._dp()
         micro, seq = batch["input_ids"].shape[0], batch["input_ids"].shape[1]
         salt = self.consumed_samples  # masking depends on the stream position: identical after resume
@@ -144,27 +144,41 @@ class GLMModule(L.LightningModule):
         sums = torch.stack([total.detach(), wsum.detach(), stats["nats"].detach(), stats["bases"].detach()]).double()
         self._loss_sums = sums if getattr(self, "_loss_sums", None) is None else self._loss_sums + sums
         self._tokens_since += batch["input_ids"].numel() * dp
-        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
-        if is_deepspeed(self._trainer):
+        ds = self._deepspeed_optimizer()
+        if ds is False:  # DeepSpeed with its own (fp16) loss scaler: per-micro-batch normalisation
+            accumulate = self.trainer.accumulate_grad_batches
             w = self._all_reduce(wsum.detach().double().clone())
             # DeepSpeed averages over ranks and divides by its accumulation steps, and Lightning divides once more
             return total * (dp * accumulate / w.clamp_min(1e-8)).to(total.dtype)
+        if ds is not None:
+            ds.override_loss_scale(1.0)  # backward of this micro-batch unscaled; the step's divisor comes later
         if self._loss_scale is None:  # one constant for the whole run: on_before_optimizer_step divides it out
             self._loss_scale = 1.0 / (micro * seq)  # keeps the returned value O(1) (fp16 loss scaling, logs)
         return total * self._loss_scale
 
+    def _deepspeed_optimizer(self):
+        """None (not DeepSpeed), the ZeRO optimizer when it takes an external loss scale, or False (fp16)."""
+        from glmtrain.parallel.strategies import is_deepspeed
+
+        if not is_deepspeed(self._trainer):
+            return None
+        opt = self.trainer.strategy.deepspeed_engine.optimizer
+        fp16 = self.trainer.strategy.config.get("fp16", {}).get("enabled", False)
+        return opt if hasattr(opt, "override_loss_scale") and not fp16 else False
+
     def on_before_optimizer_step(self, optimizer) -> None:
         """Exact global normalisation of the accumulated gradients, clipping, and the global loss for the logs."""
-        from glmtrain.parallel.strategies import clip_grad_norm, is_deepspeed
+        from glmtrain.parallel.strategies import clip_grad_norm
 
         sums = getattr(self, "_loss_sums", None)
-        if sums is None:
-            return
+        ds = self._deepspeed_optimizer()
+        if sums is None or (ds is not None and not self.trainer.strategy.deepspeed_engine.is_gradient_accumulation_boundary()):
+            return  # (DeepSpeed accumulates inside the engine: Lightning calls this hook after every micro-batch)
         self._loss_sums = None
         _, dp, _ = self._dp()
         total, wsum, nats, bases = self._all_reduce(sums.clone()).tolist()
-        if not is_deepspeed(self._trainer):
-            accumulate = self.trainer.accumulate_grad_batches
+        accumulate = self.trainer.accumulate_grad_batches
+        if ds is None:
             # gradients now hold mean over dp ranks of (1/accumulate) sum_a scale * d sum(w*CE)
             factor = accumulate * dp / (self._loss_scale * max(wsum, 1e-8))
             params = [p for p in self.parameters() if p.grad is not None]
@@ -172,6 +186,11 @@ class GLMModule(L.LightningModule):
                 p.grad.mul_(factor)
             if self.run.trainer.grad_clip:
                 clip_grad_norm(params, self.run.trainer.grad_clip)
+        elif ds is not False:
+            # the engine holds mean over dp of (1/accumulate^2) sum_a scale * d sum(w*CE) (Lightning and DeepSpeed
+            # each divide by the accumulation steps); the ZeRO optimizer divides its gradients by this external
+            # loss scale before clipping (on the unscaled norm) and the update
+            ds.override_loss_scale(self._loss_scale * max(wsum, 1e-8) / (dp * accumulate * accumulate))
         self.log("loss", total / max(wsum, 1e-8), prog_bar=True, on_step=True, batch_size=1)
         self.log("train/bits_per_base", bits_per_base(nats, bases), on_step=True, batch_size=1)
 

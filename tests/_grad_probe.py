@@ -1,14 +1,12 @@
-"""The gradient glmtrain applies vs autograd of the documented loss (imported by test_gradients.py;
-also a torchrun script).
-
-    python tests/_grad_probe.py OUT.json single               # one process, 2 accumulated micro-batches
-    torchrun --nproc_per_node 2 tests/_grad_probe.py OUT.json ddp fsdp deepspeed
+"""The gradient glmtrain applies vs autograd of the documented loss (tests/test_scale.py; under
+torchrun through tests/_dist_checks.py).
 
 For every named strategy the real GLMModule is trained for one optimizer step by a Lightning
 Trainer on a fixed global batch (each rank its own micro-batches, unevenly weighted: rank 1 has
 many padded / zero-weight / soft-masked positions).  The gradient is read where the optimizer would
 use it: right after GLMModule.on_before_optimizer_step normalised it (clipping off; Lightning runs the
-last micro-batch's backward and this hook inside ``optimizer.step``, just before the update).  The reference is ``torch.autograd.grad`` of the documented loss
+last micro-batch's backward and this hook inside ``optimizer.step``, just before the update).  The
+reference is ``torch.autograd.grad`` of the documented loss
 
     sum_i w_i * CE_i / sum_i w_i   over every position of every sample of the global batch
 
@@ -20,7 +18,6 @@ checked instead: the weights after one SGD step (lr 1, no momentum) must equal i
 from __future__ import annotations
 
 import copy
-import json
 import os
 import sys
 from pathlib import Path
@@ -90,7 +87,7 @@ def probe(name: str) -> dict:
     from glmtrain.parallel.strategies import build_strategy, topology
     from tests._util import compose_run
 
-    extra = ["strategy.zero_stage=2", "optim.lr=1.0"] if name == "deepspeed" else []
+    extra = ["optim.lr=1.0"] if name == "deepspeed" else []
     run = compose_run([*MODEL, *STRATEGY[name], "trainer.accelerator=cpu", f"trainer.accumulate={ACCUMULATE}",
                        f"trainer.micro_batch_size={MICRO}", f"data.window={SEQ}", "trainer.grad_clip=0",
                        "optim.warmup_steps=0", "optim.weight_decay=0.0", *extra])
@@ -143,18 +140,3 @@ def _deepspeed_weights(trainer, module) -> dict[str, torch.Tensor]:
     params = dict(module.model.named_parameters())
     with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None, enabled=trainer.strategy.zero_stage_3):
         return {n: p.detach().clone().float() for n, p in params.items()}
-
-
-def main(argv: list[str]) -> int:
-    out, names = Path(argv[0]), argv[1:]
-    torch.set_num_threads(1)
-    rows = [probe(n) for n in names]
-    if int(os.environ.get("RANK", "0")) == 0:
-        out.write_text(json.dumps(rows))
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

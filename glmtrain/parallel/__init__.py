@@ -54,12 +54,6 @@ def strategy_problem(run: Any) -> str | None:
     if s.name == "deepspeed":
         if not deepspeed_available():
             return "strategy=deepspeed needs the deepspeed package: pip install -e '.[deepspeed]'"
-        accel = t.accelerator
-        import torch
-
-        if accel == "cpu" or (accel == "auto" and not torch.cuda.is_available()):
-            return ("strategy=deepspeed needs a GPU (Lightning's DeepSpeedStrategy runs on CUDA only); "
-                    "on CPU use strategy=fsdp (ZeRO-3-like sharding) or strategy=ddp")
         if s.zero_stage not in (1, 2, 3):
             return f"strategy.zero_stage={s.zero_stage}: allowed values are 1, 2, 3"
         if s.offload_params and s.zero_stage != 3:

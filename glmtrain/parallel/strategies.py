@@ -565,13 +565,14 @@ def build_strategy(run: Any, accelerator: str, topo: Topology | None = None, pre
         return GLMModelParallelStrategy(options=options, data_parallel_size=topo.dp, tensor_parallel_size=topo.tp,
                                         save_distributed_checkpoint=s.checkpoint == "sharded", process_group_backend=backend)
     if s.name == "deepspeed":
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
         from glmtrain.parallel.deepspeed_config import deepspeed_config
+        from glmtrain.parallel.deepspeed_strategy import GLMDeepSpeedStrategy
 
+        if accelerator == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's own device choice follows the trainer's
         plan = batch_plan(run, topo.dp)
         cfg = deepspeed_config(s, micro_batch=plan.micro, grad_clip=run.trainer.grad_clip, precision=precision)
-        return DeepSpeedStrategy(config=cfg, process_group_backend=backend)
+        return GLMDeepSpeedStrategy(config=cfg, process_group_backend=backend)
     raise ValueError(f"strategy.name={s.name!r}")
 
 
