@@ -58,6 +58,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return list(groups.values())
 
 
+def _deferred(run: RunConfig) -> bool:
+    """Build on the meta device (materialised in configure_model) for sharded strategies and on GPUs."""
+    import torch
+
+    if run.strategy.name in ("fsdp", "tp"):
+        return True
+    gpu = run.trainer.accelerator in ("gpu", "cuda") or (run.trainer.accelerator == "auto" and torch.cuda.is_available())
+    return gpu and run.strategy.name in ("auto", "ddp", "ddp_spawn")
+
+
 class GLMModule(L.LightningModule):
     def __init__(self, run: RunConfig | dict):
         super().__init__()
@@ -69,7 +79,10 @@ class GLMModule(L.LightningModule):
         self.save_hyperparameters({"config": OmegaConf.to_container(OmegaConf.structured(run))})
         self.tokenizer = build_tokenizer(OmegaConf.to_container(OmegaConf.structured(run.model.tokenizer)))
         self.objective = build_objective(run.objective, self.tokenizer)
-        self.model = build_model(run.model, self.tokenizer.vocab_size)
+        # name-seeded initialisation (glmtrain.models.init): identical for a plain build and for a meta-device
+        # build materialised shard by shard.  Sharded strategies and GPUs build on the meta device and
+        # materialise in configure_model (block by block while sharding, or directly on the device).
+        self.model = build_model(run.model, self.tokenizer.vocab_size, seed=run.seed, meta=_deferred(run))
         from glmtrain.flops import count
         from glmtrain.parallel.strategies import seq_tokens
 
@@ -88,7 +101,8 @@ class GLMModule(L.LightningModule):
     # ------------------------------------------------------------------ helpers
     def _generator(self, salt: int) -> torch.Generator:
         g = torch.Generator(device=self.device)
-        g.manual_seed((self.run.seed * 1_000_003 + salt * 7919 + self._dp()[0]) % (2**63 - 1))
+        # per data rank: the ranks of one context-parallel group draw the same MLM masks for their shared samples
+        g.manual_seed((self.run.seed * 1_000_003 + salt * 7919 + self._dp()[0] // self._cp()[1]) % (2**63 - 1))
         return g
 
     def _dp(self) -> tuple[int, int, Any]:
@@ -97,14 +111,27 @@ class GLMModule(L.LightningModule):
 
         return data_parallel(self._trainer)
 
+    def _cp(self) -> tuple[int, int, Any]:
+        """(rank, size, group) of this process in its context-parallel group (strategy.cp_size)."""
+        from glmtrain.parallel.strategies import context_parallel
+
+        return context_parallel(self)
+
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         _, dp, group = self._dp()
         if dp > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(t, group=group)
         return t
 
+    def materialize(self, device: Any = "cpu", prefix: str = "") -> int:
+        """Allocate and initialise the meta-device parameters of ``model.<prefix>`` (all: "") on ``device``."""
+        from glmtrain.models.init import materialize
+
+        return materialize(self.model, device, self.run.seed, prefix)
+
     def configure_model(self) -> None:
-        """FSDP2 / tensor parallelism (strategy=fsdp|tp): shard ``self.model`` by its family's plan (glmtrain.parallel)."""
+        """Materialise a meta-built model on the device; FSDP2 / tensor / context parallelism
+        (strategy=fsdp|tp): materialise and shard ``self.model`` block by block by its family's plan."""
         from glmtrain.parallel.strategies import apply_parallelism, is_deepspeed
 
         if is_deepspeed(self._trainer):
@@ -118,6 +145,11 @@ class GLMModule(L.LightningModule):
 
     def _step(self, batch: dict, generator: torch.Generator | None):
         prepared = self.objective.prepare(batch["input_ids"], batch.get("loss_weight"), generator)
+        cp_rank, cp, _ = self._cp()
+        if cp > 1:  # context parallel: this rank's chunk of every sequence, labels aligned globally
+            from glmtrain.parallel.context import chunk_prepared
+
+            prepared = chunk_prepared(prepared, cp_rank, cp)
         logits = self.model(prepared.inputs)
         return self.objective.loss(logits, prepared)
 
@@ -135,15 +167,16 @@ class GLMModule(L.LightningModule):
         by its own weight sum over the ranks instead, exact without accumulation.)
         """
         _, dp, _ = self._dp()
+        data = dp // self._cp()[1]  # ranks reading different samples
         micro, seq = batch["input_ids"].shape[0], batch["input_ids"].shape[1]
         salt = self.consumed_samples  # masking depends on the stream position: identical after resume
-        self.consumed_samples += micro * dp
+        self.consumed_samples += micro * data
         loss, stats = self._step(batch, self._generator(salt) if self.objective.name == "mlm" else None)
         wsum = stats["weight"]
         total = loss * wsum.clamp_min(1e-8)  # sum(w * CE) of this micro-batch
         sums = torch.stack([total.detach(), wsum.detach(), stats["nats"].detach(), stats["bases"].detach()]).double()
         self._loss_sums = sums if getattr(self, "_loss_sums", None) is None else self._loss_sums + sums
-        self._tokens_since += batch["input_ids"].numel() * dp
+        self._tokens_since += batch["input_ids"].numel() * data
         ds = self._deepspeed_optimizer()
         if ds is False:  # DeepSpeed with its own (fp16) loss scaler: per-micro-batch normalisation
             accumulate = self.trainer.accumulate_grad_batches
@@ -273,7 +306,7 @@ class GLMModule(L.LightningModule):
             "version": __version__,
             "consumed_samples": self.consumed_samples,
             "fingerprint": compat_fingerprint(self.run),
-            "world_size": self._dp()[1],  # data-parallel ranks (the data stream's divisor)
+            "world_size": self._dp()[1] // self._cp()[1],  # data ranks (the data stream's divisor)
             "world_size_total": self.trainer.world_size if self._trainer is not None else 1,
             "micro_batch_size": self.run.trainer.micro_batch_size,
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},

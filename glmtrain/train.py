@@ -115,7 +115,7 @@ def train(run: RunConfig) -> dict:
     topo = parallel.topology(run)  # world from torchrun/SLURM when launched by them, else trainer.devices x num_nodes
     if resume is not None:
         parallel.refuse_foreign_checkpoint(resume, run.strategy.name)  # DeepSpeed <-> others: one line
-    batch = parallel.batch_plan(run, topo.dp)  # micro-batch and accumulation derived from the world size
+    batch = parallel.batch_plan(run, topo.data)  # micro-batch and accumulation derived from the world size
     _say(parallel.describe(run, topo, batch))
     data = GenomeDataModule(run.data, module.tokenizer, batch.micro, run.seed)
     t = run.trainer

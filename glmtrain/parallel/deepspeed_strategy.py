@@ -29,6 +29,7 @@ class GLMDeepSpeedStrategy(DeepSpeedStrategy):
         DDPStrategy.setup_environment(self)  # skip DeepSpeedStrategy's CUDA-only check; calls setup_distributed
 
     def setup_distributed(self) -> None:
+        _forget_previous_process_group()
         if not self._on_cpu():
             return super().setup_distributed()
         import importlib
@@ -55,3 +56,20 @@ class GLMDeepSpeedStrategy(DeepSpeedStrategy):
             model_parameters=[p for p in model.parameters() if p.requires_grad], optimizer=optimizer,
             lr_scheduler=lr_scheduler, dist_init_required=False)
         return engine, ds_optimizer
+
+
+def _forget_previous_process_group() -> None:
+    """DeepSpeed caches its communication backend and its process groups in module globals; after a
+    previous run in this process destroyed the default group (glmtrain.train does), they are stale."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    import deepspeed.comm.comm as ds_comm
+    from deepspeed.utils import groups
+
+    ds_comm.cdb = None
+    for name, value in list(vars(groups).items()):
+        if name.startswith("_") and name.endswith(("_GROUP", "_GROUP_RANKS", "_WORLD_SIZE", "_RANK")) and name.isupper():
+            setattr(groups, name, {} if isinstance(value, dict) else None)
+    groups.mesh_device = None
