@@ -373,17 +373,23 @@ def _tp_top(model: nn.Module, plan: FamilyPlan, tp_mesh, sequence_parallel: bool
 
 def shard_model(model: nn.Module, plan: FamilyPlan, *, dp_mesh=None, tp_mesh=None, fsdp: bool = True,
                 sequence_parallel: bool = False, vocab_parallel: bool = False, mp_policy=None,
-                reshard_after_forward: bool = True, materialize: Callable[[str], None] | None = None) -> None:
+                reshard_after_forward: bool = True, materialize: Callable[[str], None] | None = None,
+                offload: bool = False) -> None:
     """Tensor parallelism over ``tp_mesh`` (size > 1) and FSDP2 over ``dp_mesh`` (``fsdp``), block by block.
 
     ``materialize(prefix)``: for a model built on the meta device, called with ``"blocks.<i>"`` right
     before block i is sharded and with ``""`` (everything left: embedding, final norm, head) before
-    the root -- so a rank never holds more than its shards plus one full block.
+    the root -- so a rank never holds more than its shards plus one full block.  ``offload``: FSDP2
+    keeps parameters, gradients and optimizer states on the CPU (one GPU, a model that does not fit).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     tp = tp_mesh is not None and tp_mesh.size() > 1
     kw: dict[str, Any] = {"mesh": dp_mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
+    if offload:
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     blocks = getattr(model, plan.blocks)
     n = len(blocks)
     for i, block in enumerate(blocks):
