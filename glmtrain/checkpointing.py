@@ -164,8 +164,6 @@ def load_weights(spec: str | Path, module: torch.nn.Module, say=print) -> Path:
         sd = load_sharded_as_full(Path(path))["state_dict"]
     else:
         sd = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["state_dict"]
-    if hasattr(module, "materialize"):
-        module.materialize("cpu")  # a meta-device build: allocate before loading into it
     module.load_state_dict(sd, strict=True)
     say(f"initialised weights from {path} (step {meta['global_step']}); optimizer, schedule and data start fresh")
     return path

@@ -129,6 +129,14 @@ class GLMModule(L.LightningModule):
 
         return materialize(self.model, device, self.run.seed, prefix)
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As torch's; a meta-device model is materialised (on the CPU) first, so that loading fills it."""
+        from glmtrain.models.init import has_meta
+
+        if has_meta(self.model):
+            self.materialize("cpu")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def configure_model(self) -> None:
         """Materialise a meta-built model on the device; FSDP2 / tensor / context parallelism
         (strategy=fsdp|tp): materialise and shard ``self.model`` block by block by its family's plan."""

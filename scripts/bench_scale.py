@@ -71,6 +71,12 @@ def timed(model, make_loss, device: torch.device, steps: int, warmup: int, param
     return out
 
 
+def clm_loss(model, x: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of ``model`` on ids ``x`` [B, L + 1]."""
+    logits = model(x[:, :-1])
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+
+
 def _row(name: str, r: dict, tokens: int, fpt: float | None, peak: float | None, **extra) -> dict:
     row = {"row": name, "tokens_per_step": tokens, "tok_s": tokens / r["step_s"], **{k: v for k, v in r.items()}, **extra}
     if fpt:
@@ -158,11 +164,7 @@ def bench_hyena(a, device, peak) -> list[dict]:
     x = torch.randint(7, 11, (1, L + 1), device=device)
     fpt = flops.count(model, L, 1).train
 
-    def loss():
-        logits = model(x[:, :-1])
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-
-    r = timed(model, loss, device, a.steps, a.warmup)
+    r = timed(model, lambda: clm_loss(model, x), device, a.steps, a.warmup)
     row = _row(f"glmtrain HyenaDNA large-1m shape ({cfg.n_layers} layers), L={L}", r, L, fpt, peak,
                official_h200_tok_s=405_000, official_note="RESEARCH.md: official code, per-layer checkpointing, 39 GiB")
     row["vs_official_quoted"] = row["tok_s"] / 405_000
@@ -184,11 +186,7 @@ def bench_evo2(a, device, peak, name="evo2_1b") -> list[dict]:
     x = torch.randint(65, 90, (B, L + 1), device=device)
     fpt = flops.count(model, L, B).train
 
-    def loss():
-        logits = model(x[:, :-1])
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-
-    r = timed(model, loss, device, a.steps, a.warmup)
+    r = timed(model, lambda: clm_loss(model, x), device, a.steps, a.warmup)
     row = _row(f"glmtrain {cfg.name} ({len(cfg.pattern)} layers x {cfg.d_model}), L={L}", r, B * L, fpt, peak,
                params=model.num_params(), bionemo_h100_tok_s=26_900)
     _free(model)
@@ -231,11 +229,7 @@ def bench_evo2_7b_offload(a, device, peak) -> list[dict]:
     x = torch.randint(65, 90, (1, L + 1), device=device)
     fpt = flops.count(model, L, 1).train
 
-    def loss():
-        logits = model(x[:, :-1])
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-
-    r = timed(model, loss, device, a.steps, a.warmup)
+    r = timed(model, lambda: clm_loss(model, x), device, a.steps, a.warmup)
     row = _row(f"glmtrain {cfg.name} FSDP2 + CPU offload, 1 device, L={L}", r, L, fpt, peak, params=n_params,
                build_s=build_s)
     dist.destroy_process_group()

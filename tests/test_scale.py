@@ -230,3 +230,22 @@ def test_context_parallel_degree_2_matches_degree_1(dist):
         if isinstance(v, dict):
             assert v["logits_max_abs_err"] < 1e-6 and v["grad_max_rel_err"] < 1e-6, (name, v)
     assert r["evo2-SDH*"]["attention"] == 1 and r["evo2-SDH*"]["gathered_mixers"] == 3
+
+
+def test_sharded_strategy_builds_on_meta_and_loading_materialises(tmp_path):
+    """Under strategy=fsdp GLMModule builds on the meta device (nothing allocated before configure_model);
+    a load_state_dict before that (weights-only start, load_from_checkpoint) fills a materialised model."""
+    from glmtrain.models.init import has_meta
+    from glmtrain.module import GLMModule
+
+    run = compose_run([*TINY["transformer"], "trainer.accelerator=cpu", "strategy=fsdp", "trainer.devices=2"])
+    module = GLMModule(run)
+    assert has_meta(module.model) and module.flops.train > 0
+    plain = GLMModule(compose_run([*TINY["transformer"], "trainer.accelerator=cpu"]))
+    assert not has_meta(plain.model)
+    state = {k: v + 1.0 for k, v in plain.state_dict().items()}
+    module.load_state_dict(state)
+    assert not has_meta(module.model)
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in state.items())
+    module.materialize("cpu")  # idempotent: nothing left to materialise, nothing re-initialised
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in state.items())
