@@ -130,7 +130,11 @@ def test_tp_problems_name_the_sizes():
     (["trainer.global_batch_tokens=100"], "not a multiple of the tokens per sample (64"),
     (["strategy=ddp", "trainer.devices=3", "trainer.global_batch_tokens=256"], "3 data-parallel ranks cannot share"),
     (["trainer.global_batch_tokens=256", "trainer.accumulate=2"], "leave trainer.accumulate=1"),
-], ids=["tp-heads", "tp-world", "tp-channels", "tp-without-tp", "tokens-window", "tokens-ranks", "tokens-accumulate"])
+    (["strategy=fsdp", "trainer.devices=2", "strategy.cp_size=3"], "strategy.cp_size=3 does not divide the data-parallel size 2"),
+    (["strategy=fsdp_tp", "trainer.devices=4", "+strategy.cp_size=2"], "context parallelism runs under strategy=fsdp with tp_size=1"),
+    (["strategy=fsdp", "trainer.devices=2", "strategy.cp_size=2", "data.window=63"], "does not divide the sequence length (63"),
+], ids=["tp-heads", "tp-world", "tp-channels", "tp-without-tp", "tokens-window", "tokens-ranks", "tokens-accumulate",
+        "cp-world", "cp-with-tp", "cp-length"])
 def test_refusals_are_one_line(overrides, expected):
     with pytest.raises(ConfigError) as e:
         compose_run([*CPU, *overrides])
