@@ -5,7 +5,8 @@ ZeRO 1/2/3 on its CPU accelerator with gloo.  :class:`GLMDeepSpeedStrategy` lift
 CUDA-only checks (the accelerator type, and device indices that match local ranks) and otherwise
 runs Lightning's own DeepSpeed path, so that ``make test`` exercises glmtrain's DeepSpeed training
 (GLMModule's loss scaling, the generated ZeRO config, Lightning's engine set-up) on any machine.
-On CUDA nothing is changed.  The overridden methods are private Lightning API: if a Lightning
+On CUDA nothing is changed.  Checkpoint files are checked by :mod:`glmtrain.ckpt_formats` before
+DeepSpeed unpickles them.  The overridden methods are private Lightning API: if a Lightning
 upgrade breaks them, the DeepSpeed test in ``tests/test_scale.py`` says so.
 
 DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce kernel when its communication
@@ -20,6 +21,15 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
 
 class GLMDeepSpeedStrategy(DeepSpeedStrategy):
+    def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
+        """DeepSpeed reads its files with weights_only=False: every file is opened safely first."""
+        from pathlib import Path
+
+        from glmtrain import ckpt_formats
+
+        ckpt_formats.check_deepspeed(Path(checkpoint_path))
+        return super().load_checkpoint(checkpoint_path, weights_only)
+
     def _on_cpu(self) -> bool:
         return isinstance(self.accelerator, CPUAccelerator)
 
