@@ -437,7 +437,7 @@ def suggestion(p: StagePlan, run: Any) -> str:
             while act_gib * p.cp / c > room and c < 1024:
                 c *= 2
             if c > p.cp:
-                tips.append(f"context_parallel={c} (activations / {c})")
+                tips.append(f"context.stages[{p.stage.index}].context_parallel={c} under strategy=fsdp (activations / {c})")
     if state_gib > p.usable_gib * 0.5 and p.stage.run.strategy.name not in ("fsdp", "deepspeed"):
         tips.append("strategy=fsdp (shard parameters, gradients and optimizer state)")
     return f"over by {need:.1f} GiB: try " + (", ".join(tips) if tips else "more GPUs or a smaller micro-batch")

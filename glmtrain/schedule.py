@@ -178,10 +178,22 @@ def _say_key(i: int, explicit: bool, key: str, plain: str) -> str:
     return f"context.stages[{i}].{key}" if explicit else plain
 
 
-def resolve(run: RunConfig, dp: int | None = None, allow_context_parallel: bool = False) -> Schedule:
+def _batch_problem(run: RunConfig, data_ranks: int) -> str | None:
+    from glmtrain.parallel.strategies import batch_plan
+
+    try:
+        batch_plan(run, data_ranks)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def resolve(run: RunConfig, dp: int | None = None, plan_only: bool = False) -> Schedule:
     """The run's stages, checked against data, model and strategy (ConfigError: one line).
 
-    ``dp`` is the data-parallel size the batch split is derived for (default: the topology's).
+    ``dp`` is the data-parallel size (context-parallel ranks included) the batch split is derived for
+    (default: the topology's).  ``plan_only``: for the memory plan, a stage whose samples per step
+    cannot be shared by the data-parallel ranks gets the context-parallel degree that makes them fit.
     """
     from glmtrain.parallel import strategy_problem
     from glmtrain.parallel.strategies import batch_plan, topology
@@ -248,12 +260,9 @@ def resolve(run: RunConfig, dp: int | None = None, allow_context_parallel: bool 
             raise ConfigError(f"context.stages[{i}].carry=weights+optimizer is supported under strategy auto and ddp "
                               f"(the optimizer state is read from a single-file checkpoint); under strategy="
                               f"{run.strategy.name} use carry=weights")
-        if sc.context_parallel < 1:
-            raise ConfigError(f"context.stages[{i}].context_parallel={sc.context_parallel}: must be >= 1")
-        if sc.context_parallel > 1 and not allow_context_parallel:
-            raise ConfigError(f"context.stages[{i}].context_parallel={sc.context_parallel}: context-parallel training "
-                              "is not implemented yet (ring attention needs GPUs); the memory plan (plan=true) accounts "
-                              "for it - train with 1")
+        cp = run.strategy.cp_size if sc.context_parallel is None else sc.context_parallel
+        if cp < 1:
+            raise ConfigError(f"context.stages[{i}].context_parallel={cp}: must be >= 1")
         # the stage's model: RoPE and checkpointing knobs filled in
         model = copy.deepcopy(m)
         knobs = type(m).STAGE_KNOBS
@@ -285,18 +294,20 @@ def resolve(run: RunConfig, dp: int | None = None, allow_context_parallel: bool 
                                          global_batch_tokens=G or 0)
         sr.optim = dataclasses.replace(o, lr=lr, min_lr_ratio=final_lr / lr, warmup_steps=warmup, schedule=schedule)
         sr.context = dataclasses.replace(run.context, stages=[])
-        cp = sc.context_parallel
-        problem = strategy_problem(sr, cp)
-        if problem and allow_context_parallel and "cannot share" in problem:
-            # the memory plan: find the context-parallel degree this stage needs on this many GPUs
+        sr.strategy = dataclasses.replace(run.strategy, cp_size=cp)  # context parallelism of this stage
+        problem = strategy_problem(sr)
+        if problem and plan_only and "cannot share" in problem:
+            # the memory plan: the context-parallel degree this stage needs on this many GPUs (every rank of a
+            # context-parallel group reads the same samples); training it needs strategy=fsdp with that cp_size
             for c in (2, 4, 8, 16, 32, 64, 128, 256):
-                if not strategy_problem(sr, cp * c):
+                if (dp or 1) % (cp * c) == 0 and _batch_problem(sr, (dp or 1) // (cp * c)) is None:
                     cp, problem = cp * c, None
+                    sr.strategy = dataclasses.replace(run.strategy, cp_size=cp)
                     break
         if problem:
             where = f"{sc.name or w} (window {w}): " if staged else ""
             raise ConfigError(f"{where}{problem}")
-        bp = batch_plan(sr, max(1, dp // cp))
+        bp = batch_plan(sr, max(1, (dp or 1) // cp))
         if steps < 1:
             raise ConfigError(f"{key('steps', 'trainer.max_steps')}={steps}: must be >= 1")
         if warmup > steps and staged:
@@ -319,7 +330,7 @@ def resolve(run: RunConfig, dp: int | None = None, allow_context_parallel: bool 
 
 def check(run: RunConfig) -> Schedule:
     """Everything that must hold before a process starts: the schedule, each stage against the strategy."""
-    return resolve(run, allow_context_parallel=run.plan)
+    return resolve(run, plan_only=run.plan)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -151,7 +151,8 @@ class Manifest:
         for row in schedule.table():
             p = prev.get(row["name"], {})
             keep = {k: p[k] for k in ("status", "init_from", "init_sha256", "final_checkpoint", "final_sha256",
-                                      "val_bits_per_base", "val_bases", "train_tok_s", "peak_mem_gib", "wall_s") if k in p}
+                                      "val_bits_per_base", "val_bases", "train_tok_s", "flops_per_token", "train_mfu",
+                                      "peak_mem_gib", "wall_s") if k in p}
             self.data["stages"].append({**row, "status": "pending", **keep})
 
     def stage(self, stage: Stage) -> dict:
@@ -282,7 +283,7 @@ def _train_stage(run: RunConfig, schedule: Schedule, stage: Stage, manifest: Man
     topo = parallel.topology(sr)  # world from torchrun/SLURM when launched by them, else trainer.devices x num_nodes
     if resume is not None:
         refuse_foreign(resume, sr.strategy.name)  # DeepSpeed <-> others: one line
-    batch = parallel.batch_plan(sr, topo.dp)  # micro-batch and accumulation derived from the world size
+    batch = parallel.batch_plan(sr, topo.data)  # micro-batch and accumulation derived from the world size
     _say(parallel.describe(sr, topo, batch))
     data = GenomeDataModule(sr.data, module.tokenizer, batch.micro, seed, cursor)
     progress = []
@@ -342,6 +343,12 @@ def _train_stage(run: RunConfig, schedule: Schedule, stage: Stage, manifest: Man
     out = {"steps": step, "consumed_samples": module.consumed_samples}
     if module.train_tokens_timed:
         out["train_tok_s"] = round(module.train_tokens_timed / module.train_seconds_timed, 1)
+        out["flops_per_token"] = module.flops.train  # model FLOPs, fwd + bwd (glmtrain.flops)
+        from glmtrain.flops import mfu
+
+        u = mfu(out["train_tok_s"], module.flops.train, trainer.world_size, module._peak_flops)
+        if u is not None:
+            out["train_mfu"] = round(u, 4)
     if step < stage.end:  # stop_at_step or the time limit: a checkpoint was written, rerun to continue
         why = "trainer.stop_at_step" if t.stop_at_step and step >= t.stop_at_step else "trainer.max_time_s"
         _say(f"stopped at step {step} of {stage.label} ({why}); rerun the same command to continue")
@@ -354,8 +361,9 @@ def _train_stage(run: RunConfig, schedule: Schedule, stage: Stage, manifest: Man
         out["val_bits_per_base"] = module.last_val["bits_per_base"]
         out["val_bases"] = module.last_val["bases"]
         row.update(val_bits_per_base=out["val_bits_per_base"], val_bases=out["val_bases"])
-    if "train_tok_s" in out:
-        row["train_tok_s"] = out["train_tok_s"]
+    for k in ("train_tok_s", "flops_per_token", "train_mfu"):
+        if k in out:
+            row[k] = out[k]
     if peak_gib is not None:  # torch.cuda.max_memory_allocated of this stage's training
         row["peak_mem_gib"] = peak_gib
     row["wall_s"] = round(time.perf_counter() - t0, 1)
@@ -374,12 +382,13 @@ def _finish(run: RunConfig, schedule: Schedule, manifest: Manifest, last: dict, 
     result = {"steps": schedule.total_steps, "train_wall_s": round(time.perf_counter() - t0, 1),
               "consumed_samples": last.get("consumed_samples")}
     final_row = stages[-1]
-    for k in ("val_bits_per_base", "val_bases", "train_tok_s"):
+    for k in ("val_bits_per_base", "val_bases", "train_tok_s", "flops_per_token", "train_mfu"):
         if k in final_row:
             result[k] = final_row[k]
     if len(stages) > 1:
         result["stages"] = [{k: s.get(k) for k in ("name", "window", "steps", "tokens_per_step", "val_bits_per_base",
-                                                   "train_tok_s", "final_sha256", "init_sha256")} for s in stages]
+                                                   "train_tok_s", "train_mfu", "peak_mem_gib", "final_sha256",
+                                                   "init_sha256")} for s in stages]
     if run.eval.final and run.eval.baselines and run.objective.name == "clm" and _rank() == 0:
         if data is None:  # the schedule was already complete: open the last stage's data for the baselines
             from glmtrain.tokenizers import build_tokenizer
@@ -408,5 +417,6 @@ def report(run: RunConfig, result: dict) -> None:
         lines.append(f"  {run.model.name:<28} {result['val_bits_per_base']:.4f}")
     for name, v in result.get("baselines_bits_per_base", {}).items():
         lines.append(f"  {'Markov ' + name + ' baseline':<28} {v:.4f}")
-    lines.append(f"  wall time {result['wall_s']:.1f} s" + (f", training {result['train_tok_s']:.0f} tokens/s" if "train_tok_s" in result else ""))
+    lines.append(f"  wall time {result['wall_s']:.1f} s" + (f", training {result['train_tok_s']:.0f} tokens/s" if "train_tok_s" in result else "")
+                 + (f", MFU {100 * result['train_mfu']:.1f} %" if "train_mfu" in result else ""))
     print("\n".join(lines), file=sys.stdout, flush=True)

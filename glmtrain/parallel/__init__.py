@@ -22,11 +22,8 @@ def deepspeed_available() -> bool:
     return importlib.util.find_spec("deepspeed") is not None
 
 
-def strategy_problem(run: Any, context_parallel: int = 1) -> str | None:
-    """The first reason ``run.strategy`` cannot run (one line), or None.
-
-    ``context_parallel`` ranks share each sample (its sequence split between them): the batch is
-    shared by world / (tp x context_parallel) data-parallel ranks."""
+def strategy_problem(run: Any) -> str | None:
+    """The first reason ``run.strategy`` cannot run (one line), or None."""
     from glmtrain.parallel.plans import plan_for, tp_problems
     from glmtrain.parallel.strategies import batch_plan, seq_tokens, topology
 
@@ -35,6 +32,16 @@ def strategy_problem(run: Any, context_parallel: int = 1) -> str | None:
     if s.tp_size < 0:
         return f"strategy.tp_size={s.tp_size}: must be >= 0 (0 = all devices of a node for strategy=tp)"
     topo = topology(run)
+    if s.cp_size < 1:
+        return f"strategy.cp_size={s.cp_size}: must be >= 1"
+    if s.cp_size > 1:
+        if s.name != "fsdp" or topo.tp > 1:
+            return (f"strategy.cp_size={s.cp_size}: context parallelism runs under strategy=fsdp with tp_size=1 "
+                    f"(is strategy={s.name}, tp_size={topo.tp})")
+        if topo.dp % s.cp_size:
+            return f"strategy.cp_size={s.cp_size} does not divide the data-parallel size {topo.dp} ({topo.describe().split(';')[0]})"
+        if seq_tokens(run) % s.cp_size:
+            return f"strategy.cp_size={s.cp_size} does not divide the sequence length ({seq_tokens(run)} tokens per window)"
     if s.name in ("fsdp", "tp"):
         plan = plan_for(family)
         if plan is None:
@@ -57,22 +64,14 @@ def strategy_problem(run: Any, context_parallel: int = 1) -> str | None:
     if s.name == "deepspeed":
         if not deepspeed_available():
             return "strategy=deepspeed needs the deepspeed package: pip install -e '.[deepspeed]'"
-        accel = t.accelerator
-        import torch
-
-        if accel == "cpu" or (accel == "auto" and not torch.cuda.is_available()):
-            return ("strategy=deepspeed needs a GPU (Lightning's DeepSpeedStrategy runs on CUDA only); "
-                    "on CPU use strategy=fsdp (ZeRO-3-like sharding) or strategy=ddp")
         if s.zero_stage not in (1, 2, 3):
             return f"strategy.zero_stage={s.zero_stage}: allowed values are 1, 2, 3"
         if s.offload_params and s.zero_stage != 3:
             return f"strategy.offload_params=true needs strategy.zero_stage=3 (is {s.zero_stage})"
     if s.name == "ddp_spawn" and s.checkpoint == "sharded":
         pass  # ddp_spawn writes single files; the option only concerns fsdp/tp
-    if topo.dp and topo.dp % context_parallel:
-        return f"context_parallel={context_parallel} does not divide the {topo.dp} data-parallel ranks"
     try:
-        batch_plan(run, max(1, (topo.dp or 1) // context_parallel))
+        batch_plan(run, topo.data if topo.dp else 1)
     except ValueError as e:
         return str(e)
     return None
