@@ -117,8 +117,8 @@ def _kill_in_stage3(args: list[str], run_dir: Path, rng: random.Random) -> list[
             if p.poll() is not None:
                 raise AssertionError(f"run ended before step 10: rc={p.returncode}\n{p.stdout.read()[-3000:]}")
             assert time.time() - t0 < 180, "no checkpoint of step 10 after 180 s"
-            time.sleep(0.005)
-        time.sleep(rng.uniform(0.0, 0.02))
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.005))  # stage 3 is 8 short steps: kill within it (retried if not)
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
