@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("deepspeed")
+pytest.importorskip("deepspeed", reason="DeepSpeed is optional: pip install -e '.[deepspeed]' to enable these tests")
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "deepspeed_cpu_parity.py"
