@@ -1,11 +1,21 @@
 """The learning guard: a short CPU run must beat the order-0 Markov baseline on held-out DNA.
 
-HyenaDNA tiny, next-token, on the bundled human sample (chr3 + chr5 train, chr4 held out), then
-held-out bits/base on chr4 windows beside the base composition of the training windows (order-0
-Markov, fit by :mod:`glmtrain.baselines`, code independent of the model).  An untrained model scores
-far above order-0 (about 3.5 bits/base), a model that learned only the composition scores order-0
-itself, so beating order-0 by MARGIN needs context learned by training.  Calibration
-(``scripts/calibrate_learning_guard.py``, 3 seeds; numbers in its README section): see MARGIN.
+HyenaDNA tiny, next-token, 60 steps of 16 x 256 bases on the bundled human sample (chr3 + chr5 train,
+chr4 held out), then held-out bits/base on 48 chr4 windows beside the base composition of the training
+windows (order-0 Markov, fit by :mod:`glmtrain.baselines`, code independent of the model).
+
+Calibration (``scripts/calibrate_learning_guard.py``, seeds 1234 / 7 / 99, order-0 = 1.9600):
+
+=========================  ===========================  =====================
+run                        held-out bits/base           order-0 minus model
+=========================  ===========================  =====================
+trained (this config)      1.9011 / 1.9040 / 1.9032     0.059 / 0.056 / 0.057
+untrained (initial model)  3.7783 / 3.6862 / 3.7476     -1.82 / -1.73 / -1.79
+=========================  ===========================  =====================
+
+A model that learned only the composition (context ignored: broken mixing, shifted labels) scores
+order-0 itself, margin 0; the untrained or barely trained model is far above it.  MARGIN = 0.03 sits
+between 0 and the trained 0.056, with ~0.026 of room for noise (the seeds spread by 0.003).
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ GUARD = [
     "trainer.progress=none", "trainer.threads=2", "optim.warmup_steps=5", "logger=none", "eval.baselines=[0]",
 ]
 # bits/base below the order-0 baseline the trained guard run must reach (see the module doc)
-MARGIN = 0.02
+MARGIN = 0.03
 
 
 def guard_overrides(run_dir) -> list[str]:
@@ -33,4 +43,4 @@ def test_short_run_beats_the_order0_markov_baseline_on_held_out_dna(tmp_path):
     assert result["val_bases"] >= 48 * 255
     assert 1.8 < order0 < 2.0, order0  # the composition of human DNA: the baseline itself is sane
     assert model < order0 - MARGIN, (f"held-out {model:.4f} bits/base does not beat order-0 {order0:.4f} by {MARGIN}: "
-                                     "learning is broken (an untrained model scores ~3.5, composition only ~order-0)")
+                                     "learning is broken (an untrained model scores ~3.7, composition only ~order-0)")
