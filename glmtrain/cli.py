@@ -52,6 +52,11 @@ def _override_key(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0]
 
 
+def given_keys(overrides: list[str]) -> set[str]:
+    """The config keys a list of overrides sets (``a.b=1``, ``+a.b=1`` -> ``a.b``; groups included)."""
+    return {_override_key(o) for o in overrides if "=" in o}
+
+
 def precheck(overrides: list[str]) -> list[str]:
     """Compose ``overrides`` as Hydra will and turn a composition error into one line (exit 2).
 
@@ -107,6 +112,15 @@ def main(cfg: DictConfig) -> None:
     run_config(cfg)
 
 
+def _command_line_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # not under hydra.main (in-process callers): the process's own arguments
+        return [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
+
+
 def run_config(cfg: DictConfig) -> None:
     """Validate, check the machine, train; every failure a user can act on is one line (exit 2 / 75)."""
     from glmtrain.checkpointing import CheckpointError
@@ -114,7 +128,7 @@ def run_config(cfg: DictConfig) -> None:
     from glmtrain.data.fasta import DataInputError
 
     try:
-        run = validate(cfg)
+        run = validate(cfg, given=given_keys(_command_line_overrides()))
         check_machine(run)
     except ConfigError as e:
         _fail(f"config: {e}")

@@ -259,8 +259,12 @@ def _get(obj: Any, dotted: str) -> Any:
     return obj
 
 
-def validate(cfg: DictConfig | dict) -> RunConfig:
-    """Resolve and validate a composed config; raise :class:`ConfigError` with one line."""
+def validate(cfg: DictConfig | dict, given: set[str] | None = None) -> RunConfig:
+    """Resolve and validate a composed config; raise :class:`ConfigError` with one line.
+
+    ``given``: the keys the user set on the command line (the CLI passes them): those are also checked
+    for having any effect together with the rest (:data:`_INERT`).  A preset (data, experiment) may set
+    keys for several cases; only what the user typed is held against the combination."""
     if isinstance(cfg, DictConfig):
         try:
             raw = OmegaConf.to_container(cfg, resolve=True)
@@ -285,6 +289,8 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
         if value not in allowed:
             raise ConfigError(f"{key}={value!r}: allowed values are {', '.join(allowed)}")
     _check_combinations(run)
+    if given:
+        _check_inert(run, given)
     return run
 
 
@@ -315,7 +321,6 @@ def _check_combinations(run: RunConfig) -> None:
     _check_ranges(run)
     _check_signals(t.signals)
     _check_data(run.data)
-    _check_inert(run)
     if t.stop_at_step and t.stop_at_step >= t.max_steps:
         raise ConfigError(f"trainer.stop_at_step={t.stop_at_step} never takes effect: the run ends at trainer.max_steps="
                           f"{t.max_steps}; use a smaller stop_at_step or 0")
@@ -389,8 +394,8 @@ def _check_ranges(run: RunConfig) -> None:
         raise ConfigError(f"eval.baselines={list(run.eval.baselines)}: Markov orders above 12 ({bad[0]}) are not supported")
 
 
-# Settings that take effect only together with others: giving one (a value other than its default)
-# where it cannot act is refused rather than ignored.  (key, applies(run), "where it applies")
+# Settings that take effect only together with others: giving one on the command line (a value other
+# than its default) where it cannot act is refused rather than ignored.  (key, applies(run), "where")
 _INERT: list[tuple[str, Any, str]] = [
     ("strategy.find_unused_parameters", lambda r: r.strategy.name in ("auto", "ddp", "ddp_spawn"), "strategy=ddp"),
     ("strategy.sequence_parallel", lambda r: r.strategy.name in ("fsdp", "tp"), "strategy=tp|fsdp_tp"),
@@ -433,8 +438,10 @@ def _default(key: str) -> Any:
     return _DEFAULTS[key]
 
 
-def _check_inert(run: RunConfig) -> None:
+def _check_inert(run: RunConfig, given: set[str]) -> None:
     for key, applies, where in _INERT:
+        if key not in given:
+            continue
         value = _get(run, key)
         if value != _default(key) and not applies(run):
             raise ConfigError(f"{key}={value!r} has no effect here: it applies only with {where}; "
