@@ -99,7 +99,12 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "no_records", "garbage"])
-def test_bad_fasta_one_line(tmp_path, case):
+def test_bad_fasta_one_line(tmp_path, case, capsys):
+    """Through the CLI's own run function in-process (tests/test_cli.py checks the process's exit status)."""
+    from glmtrain import cli
+    from glmtrain.cluster import FLAG
+    from tests._util import compose_cfg
+
     fasta = tmp_path / "genome.fa"
     if case == "empty":
         fasta.write_text("")
@@ -108,11 +113,16 @@ def test_bad_fasta_one_line(tmp_path, case):
     elif case == "garbage":
         fasta.write_text("this is not a fasta file\n")
     src = f"data.sources=[{{path: '{fasta}', species: x}}]"
-    r = run_cli([*SMOKE, src, "data.split.kind=fraction", f"run_dir={tmp_path / 'run'}"], timeout=120)
-    assert r.returncode == 2, r.stderr[-2000:]
-    err = [line for line in r.stderr.splitlines() if line.startswith("glmtrain: error")]
-    assert len(err) == 1 and str(fasta) in err[0], r.stderr[-2000:]
-    assert "Traceback" not in r.stderr
+    try:
+        with pytest.raises(SystemExit) as e:
+            cli.run_config(compose_cfg([*SMOKE, src, "data.split.kind=fraction", f"run_dir={tmp_path / 'run'}"]))
+    finally:
+        FLAG.uninstall()
+    assert e.value.code == 2
+    stderr = capsys.readouterr().err
+    err = [line for line in stderr.splitlines() if line.startswith("glmtrain: error")]
+    assert len(err) == 1 and str(fasta) in err[0], stderr[-2000:]
+    assert "Traceback" not in stderr
 
 
 def test_ddp_two_processes_on_cpu(tmp_path):
