@@ -6,9 +6,10 @@
 * Files are ``checkpoints/step-NNNNNNNN.ckpt`` (a name Hydra's override parser takes
   unquoted, e.g. ``trainer.init_from=runs/x/checkpoints/step-00000500.ckpt``); the newest
   readable one is resumed from.  Run directories of older versions named them
-  ``step=NNNNNNNN.ckpt``: those are still found, resumed from, pruned and kept by markers.  Retention keeps the last ``keep_last`` plus every checkpoint
-  with a ``<name>.keep`` marker: each stage's final checkpoint (written when a
-  run reaches ``max_steps``) gets one, and users may add their own.
+  ``step=NNNNNNNN.ckpt``: those are still found, resumed from, pruned and kept by markers.
+  Retention keeps the last ``keep_last`` plus every checkpoint with a ``<name>.keep``
+  marker: each stage's final checkpoint (written when a run reaches ``max_steps``) gets
+  one, and users may add their own.
 * A checkpoint is validated when it is considered for a resume (metadata:
   step, data position, config fingerprint, non-empty tensors) and against the
   built model (every tensor's name and shape) before any state is loaded.
@@ -169,7 +170,8 @@ class StepSeed(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         pos = int(getattr(pl_module, "consumed_samples", 0))
-        dp_rank = pl_module._dp()[0] if hasattr(pl_module, "_dp") else trainer.global_rank
+        # data rank: context-parallel ranks of one sequence draw the same numbers (dropout of shared tokens)
+        dp_rank = pl_module._dp()[0] // pl_module._cp()[1] if hasattr(pl_module, "_dp") else trainer.global_rank
         torch.manual_seed((self.seed * 1_000_003 + pos * 7919 + dp_rank * 104_729 + 17) % (2**63 - 1))
 
 
