@@ -33,6 +33,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from types import FrameType
 from typing import Any, Callable
 
@@ -266,6 +267,40 @@ class Preemption(L.Callback):
               flush=True)
         ok = requeue_job()
         return ok
+
+
+class TimeLimit(L.Callback):
+    """``trainer.max_time_s``: stop at the first optimizer-step boundary after this many seconds of
+    training *in this invocation* (all ranks agree; the checkpoint of that step is written at train end).
+
+    Lightning's own ``max_time`` keeps its elapsed time in checkpoints, so a rerun would start with the
+    budget already spent and add 0-1 steps per invocation; this budget is fresh every time.  One instance
+    serves every stage of a schedule (the clock starts with the first stage's training): the budget is the
+    invocation's, across stages.  A budget spent exactly at a stage's last step lets that stage complete;
+    :attr:`spent` (agreed by all ranks at that step) then stops the run before the next stage."""
+
+    def __init__(self, max_time_s: float, clock: Callable[[], float] = time.monotonic):
+        self.max_time_s, self.clock = max_time_s, clock
+        self.t0: float | None = None
+        self.stopped_at: int | None = None  # the step (of its trainer) at which the time cap stopped training
+        self.spent = False  # the budget was found spent at the last step boundary (all ranks agree)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.t0 is None:
+            self.t0 = self.clock()
+        self.stopped_at = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches or self.stopped_at is not None or self.t0 is None:
+            return
+        self.spent = bool(agree_max(trainer, int(self.clock() - self.t0 >= self.max_time_s)))
+        if self.spent and not (0 < trainer.max_steps <= trainer.global_step):
+            self.stopped_at = trainer.global_step
+            trainer.should_stop = True
+
+    @property
+    def triggered(self) -> bool:
+        return self.stopped_at is not None
 
 
 def _main(argv: list[str]) -> int:

@@ -8,7 +8,7 @@ stage's window -> Markov baselines -> ``final.json``.
 
 A plain run (``context=none``) is the one-stage schedule: the same path.  The run directory holds
 
-* ``checkpoints/step=N.ckpt`` -- N is the *global* optimizer step; every checkpoint records its stage,
+* ``checkpoints/step-N.ckpt`` -- N is the *global* optimizer step; every checkpoint records its stage,
   the stage's step offset and the compatibility record; each stage's final checkpoint has a ``.keep``
   marker (retention never deletes it) and is what the next stage starts from;
 * ``run.json`` -- the manifest: the resolved schedule (window, steps, tokens per step, lr, carry,
@@ -19,12 +19,12 @@ A plain run (``context=none``) is the one-stage schedule: the same path.  The ru
 
 Re-running the command resumes from the newest checkpoint: inside a stage at its step and data
 position, or -- when that checkpoint is a stage's last -- with the next stage; a complete stage is
-never trained again.
+never trained again.  One invocation holds the run directory's lock (glmtrain.locks) across all of
+its stages, and ``trainer.max_time_s`` is that invocation's budget across its stages.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import sys
@@ -39,14 +39,15 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from glmtrain.atomic import atomic_write
 from glmtrain.baselines import markov_baselines
 from glmtrain.checkpointing import (AtomicCheckpointIO, CheckpointError, StepCheckpoint, StepSeed, check_state_shapes,
-                                    checkpoint_step, find_resume_checkpoint, load_optimizer_state, load_weights,
-                                    step_path, weights_sha256)
+                                    checkpoint_at, checkpoint_step, find_resume_checkpoint, load_optimizer_state,
+                                    load_weights, step_path, weights_sha256)
 from glmtrain.ckpt_formats import refuse_foreign
-from glmtrain.cluster import Preemption, cluster_environment
+from glmtrain.cluster import Preemption, TimeLimit, cluster_environment
 from glmtrain.config import RunConfig, to_yaml
 from glmtrain.data.genome import GenomeDataModule
 from glmtrain.data.stream import StreamCursor
 from glmtrain.faults import NonFiniteGuard, NumericalFault
+from glmtrain.locks import hold_run_dir
 from glmtrain.module import GLMModule
 from glmtrain.parallel import strategies as parallel
 from glmtrain.schedule import Schedule, Stage, check, compat, compat_problem
@@ -105,8 +106,8 @@ def build_logger(run: RunConfig, run_dir: Path, step_offset: int = 0):
     if lg.kind == "csv":  # a new logs/version_N per stage and (re)start: nothing overwritten
         return _with_step_offset(CSVLogger(save_dir=str(run_dir), name="logs"), step_offset)
     # wandb: a stable id kept in the run directory so a resumed run continues the same wandb run
-    if lg.mode == "offline":
-        os.environ.setdefault("WANDB_MODE", "offline")
+    mode = wandb_mode(lg.mode)
+    os.environ["WANDB_MODE"] = mode  # wandb itself reads it (also in DDP children)
     id_file = run_dir / "wandb_id.txt"
     if id_file.exists():
         run_id = id_file.read_text().strip()
@@ -118,7 +119,12 @@ def build_logger(run: RunConfig, run_dir: Path, step_offset: int = 0):
             id_file.write_text(run_id)
     return _with_step_offset(
         WandbLogger(project=lg.project, entity=lg.entity or None, save_dir=str(run_dir), id=run_id, resume="allow",
-                    offline=lg.mode == "offline", tags=list(lg.tags), name=run.name), step_offset)
+                    offline=mode == "offline", tags=list(lg.tags), name=run.name), step_offset)
+
+
+def wandb_mode(mode: str) -> str:
+    """``logger.mode``: online | offline as given; auto = the environment's WANDB_MODE, else offline."""
+    return mode if mode != "auto" else (os.environ.get("WANDB_MODE") or "offline")
 
 
 def _set_threads(run: RunConfig, accelerator: str) -> None:
@@ -202,6 +208,11 @@ def train(run: RunConfig) -> dict:
         text = plan_report(run, schedule)
         print(text, flush=True)
         return {"plan": text}
+    return _run_schedule(run, schedule, t0)
+
+
+@hold_run_dir  # one run per run_dir at a time, across all its stages (glmtrain.locks): a second process is refused
+def _run_schedule(run: RunConfig, schedule: Schedule, t0: float) -> dict:
     run_dir = Path(run.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     resume, first, inside = where_we_are(run, schedule, ckpt_dir)  # refuses incompatible runs before any write
@@ -209,35 +220,42 @@ def train(run: RunConfig) -> dict:
     if _rank() == 0:
         (run_dir / "config.yaml").write_text(to_yaml(run))
     manifest = Manifest(run_dir, schedule)
-    for s in schedule.stages[: first.index]:
-        manifest.stage(s)["status"] = "complete"
+    for s in schedule.stages:  # the checkpoints decide (a run.json row may be stale: checkpoints deleted by hand)
+        if s.index < first.index:
+            manifest.stage(s)["status"] = "complete"
+        elif manifest.stage(s)["status"] == "complete" and not (inside and s is first):
+            manifest.stage(s)["status"] = "pending"
     manifest.write()
     if len(schedule.stages) > 1:
         _say(f"schedule {schedule.name}: {len(schedule.stages)} stages, {schedule.total_steps} steps; "
              + ", ".join(f"{s.name} x{s.steps}" for s in schedule.stages)
              + (f"; resuming in {first.label}" if resume is not None else ""))
+    if resume is not None and run.trainer.init_from:  # by design (a requeued chain stage): its own checkpoint wins
+        _say(f"trainer.init_from={run.trainer.init_from} is not used: this run resumes from its own checkpoint")
     accelerator = resolve_accelerator(run)
     _set_threads(run, accelerator)
+    # trainer.max_time_s: one budget for this invocation, across its stages (fresh on every rerun)
+    timer = TimeLimit(run.trainer.max_time_s) if run.trainer.max_time_s > 0 else None
     result: dict = {}
     for stage in schedule.stages[first.index:]:
         if run.trainer.stop_at_step and run.trainer.stop_at_step <= stage.offset:
             _say(f"stopped before {stage.label} (trainer.stop_at_step={run.trainer.stop_at_step}); rerun to continue")
             result = {"steps": stage.offset, "stopped_at_step": stage.offset}
             break
-        budget = run.trainer.max_time_s - (time.perf_counter() - t0) if run.trainer.max_time_s > 0 else None
-        if budget is not None and budget <= 0:
-            _say(f"stopped before {stage.label}: trainer.max_time_s={run.trainer.max_time_s:g} s used up; rerun to continue")
-            result = {"steps": stage.offset, "stopped_on_time": True}
+        if timer is not None and timer.spent:  # spent at the previous stage's last step: that stage completed
+            result = {"steps": stage.offset, "stopped": "max_time_s", "consumed_samples": 0}
             break
         result = _train_stage(run, schedule, stage, manifest, ckpt_dir,
                               resume=resume if (inside and stage is first) else None,
                               carry_from=resume if (not inside and stage is first) else None,
-                              time_budget=budget, accelerator=accelerator)
-        if result.get("interrupted") or result.get("steps", 0) < stage.end:
+                              timer=timer, accelerator=accelerator)
+        if result.get("interrupted") or result.get("stopped") or result.get("steps", 0) < stage.end:
             break  # stopped by a signal, a fault policy, stop_at_step or the time limit: rerun to continue
         resume = None
-    finished = bool(result) and not result.get("interrupted") and result.get("steps") == schedule.total_steps
-    if finished:
+    if result.get("stopped") == "max_time_s":  # not finished: said in the report, final.json and the exit status
+        result.update(max_steps=schedule.total_steps, max_time_s=run.trainer.max_time_s)
+        result = _finish(run, schedule, manifest, result, t0)
+    elif bool(result) and not result.get("interrupted") and result.get("steps") == schedule.total_steps:
         result = _finish(run, schedule, manifest, result, t0)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -245,7 +263,7 @@ def train(run: RunConfig) -> dict:
 
 
 def _train_stage(run: RunConfig, schedule: Schedule, stage: Stage, manifest: Manifest, ckpt_dir: Path, *,
-                 resume: Path | None, carry_from: Path | None, time_budget: float | None, accelerator: str) -> dict:
+                 resume: Path | None, carry_from: Path | None, timer: TimeLimit | None, accelerator: str) -> dict:
     """Fit one stage: from its own checkpoint (``resume``), from the previous stage's final checkpoint
     (``carry_from``; for stage 1: ``trainer.init_from``), or from scratch."""
     t0 = time.perf_counter()
@@ -263,10 +281,11 @@ def _train_stage(run: RunConfig, schedule: Schedule, stage: Stage, manifest: Man
     else:
         source = carry_from
         if source is None and stage.index > 0:
-            source = step_path(ckpt_dir, stage.offset)
-            if not source.exists():
+            source = checkpoint_at(ckpt_dir, stage.offset)
+            if source is None:
                 raise CheckpointError(f"{stage.label} starts from the final checkpoint of the stage before it, "
-                                      f"{source}, which is missing; restore it or choose a new run_dir=...")
+                                      f"{step_path(ckpt_dir, stage.offset)}, which is missing; restore it or choose "
+                                      "a new run_dir=...")
         if source is None and run.trainer.init_from:
             source = run.trainer.init_from
         if source is not None:
@@ -299,7 +318,7 @@ def _train_stage(run: RunConfig, schedule: Schedule, stage: Stage, manifest: Man
         strategy=build_strategy(sr, accelerator, topo),
         precision=resolve_precision(sr, accelerator),
         max_steps=stage.steps,
-        max_time=dt.timedelta(seconds=time_budget) if time_budget is not None else None,
+        max_time=None,  # trainer.max_time_s: the TimeLimit callback (a fresh budget per invocation, across stages)
         accumulate_grad_batches=batch.accumulate,
         gradient_clip_val=None,  # GLMModule clips (after its global loss normalisation); DeepSpeed: its config
         log_every_n_steps=t.log_every,
@@ -321,7 +340,7 @@ def _train_stage(run: RunConfig, schedule: Schedule, stage: Stage, manifest: Man
     preempt = Preemption(t.signals, ckpt_cb._save, step_offset=stage.offset)
     guard = NonFiniteGuard(t.nonfinite, t.nonfinite_max_consecutive, save=ckpt_cb._save,
                            check_grads=trainer.precision not in ("16-mixed", "16"), step_offset=stage.offset)
-    trainer.callbacks.extend([StepSeed(seed), guard, preempt])
+    trainer.callbacks.extend([StepSeed(seed), guard, preempt, *([timer] if timer is not None else [])])
     if resume is not None:
         _say(f"resuming from {resume}")
     if accelerator == "gpu":
@@ -349,17 +368,19 @@ def _train_stage(run: RunConfig, schedule: Schedule, stage: Stage, manifest: Man
         u = mfu(out["train_tok_s"], module.flops.train, trainer.world_size, module._peak_flops)
         if u is not None:
             out["train_mfu"] = round(u, 4)
-    if step < stage.end:  # stop_at_step or the time limit: a checkpoint was written, rerun to continue
-        why = "trainer.stop_at_step" if t.stop_at_step and step >= t.stop_at_step else "trainer.max_time_s"
-        _say(f"stopped at step {step} of {stage.label} ({why}); rerun the same command to continue")
+    if timer is not None and timer.triggered:  # the time cap, inside the stage: a checkpoint was written
+        out["stopped"] = "max_time_s"
+        if run.eval.final:  # the report of a stopped run still gives the held-out number of its model
+            out.update(_validate(trainer, module, data))
+        out["_data"] = data
+        return out
+    if step < stage.end:  # stop_at_step: a checkpoint was written, rerun to continue
+        _say(f"stopped at step {step} of {stage.label} (trainer.stop_at_step); rerun the same command to continue")
         return out
     final = step_path(ckpt_dir, stage.end)
     row = {"status": "complete", "final_checkpoint": str(final), "final_sha256": weights_sha256(module.state_dict())}
     if run.eval.final:
-        trainer.limit_val_batches = 1.0
-        trainer.validate(module, datamodule=data, verbose=False, weights_only=True)
-        out["val_bits_per_base"] = module.last_val["bits_per_base"]
-        out["val_bases"] = module.last_val["bases"]
+        out.update(_validate(trainer, module, data))
         row.update(val_bits_per_base=out["val_bits_per_base"], val_bases=out["val_bases"])
     for k in ("train_tok_s", "flops_per_token", "train_mfu"):
         if k in out:
@@ -375,22 +396,33 @@ def _train_stage(run: RunConfig, schedule: Schedule, stage: Stage, manifest: Man
     return out
 
 
+def _validate(trainer: L.Trainer, module: GLMModule, data: GenomeDataModule) -> dict:
+    """Held-out bits/base of the module now, over the whole validation split at the stage's window."""
+    trainer.limit_val_batches = 1.0
+    trainer.validate(module, datamodule=data, verbose=False, weights_only=True)
+    return {"val_bits_per_base": module.last_val["bits_per_base"], "val_bases": module.last_val["bases"]}
+
+
 def _finish(run: RunConfig, schedule: Schedule, manifest: Manifest, last: dict, t0: float) -> dict:
-    """The report of a complete schedule: final.json (every stage's numbers and the Markov baselines)."""
+    """The report of a complete schedule -- or of one the time cap stopped (``last["stopped"]``: NOT FINISHED,
+    at the step it reached): final.json (every stage's numbers and the Markov baselines)."""
     data = last.pop("_data", None)
     stages = manifest.data["stages"]
-    result = {"steps": schedule.total_steps, "train_wall_s": round(time.perf_counter() - t0, 1),
-              "consumed_samples": last.get("consumed_samples")}
-    final_row = stages[-1]
+    stopped = last.get("stopped")
+    result = {"steps": last["steps"] if stopped else schedule.total_steps,
+              "train_wall_s": round(time.perf_counter() - t0, 1), "consumed_samples": last.get("consumed_samples")}
+    if stopped:
+        result.update({k: last[k] for k in ("stopped", "max_steps", "max_time_s")})
+    now = last if stopped else stages[-1]  # the numbers of the model the run ends with
     for k in ("val_bits_per_base", "val_bases", "train_tok_s", "flops_per_token", "train_mfu"):
-        if k in final_row:
-            result[k] = final_row[k]
+        if k in now:
+            result[k] = now[k]
     if len(stages) > 1:
         result["stages"] = [{k: s.get(k) for k in ("name", "window", "steps", "tokens_per_step", "val_bits_per_base",
                                                    "train_tok_s", "train_mfu", "peak_mem_gib", "final_sha256",
                                                    "init_sha256")} for s in stages]
     if run.eval.final and run.eval.baselines and run.objective.name == "clm" and _rank() == 0:
-        if data is None:  # the schedule was already complete: open the last stage's data for the baselines
+        if data is None:  # no stage trained in this invocation: open the last stage's data for the baselines
             from glmtrain.tokenizers import build_tokenizer
             from omegaconf import OmegaConf
 
@@ -408,15 +440,19 @@ def _finish(run: RunConfig, schedule: Schedule, manifest: Manifest, last: dict, 
 
 def report(run: RunConfig, result: dict) -> None:
     metric = "held-out bits/base" if run.objective.name == "clm" else "held-out masked bits/base"
-    lines = [f"\n{metric} ({run.run_dir}, step {result['steps']}, {result.get('val_bases', 0):.0f} bases scored):"]
+    of = f" of {result['max_steps']}" if result.get("stopped") == "max_time_s" else ""
+    lines = [f"\n{metric} ({run.run_dir}, step {result['steps']}{of}, {result.get('val_bases', 0):.0f} bases scored):"]
     for s in result.get("stages", []):
         if s.get("val_bits_per_base") is not None:
             lines.append(f"  {run.model.name + ' stage ' + s['name'] + ' (window ' + str(s['window']) + ')':<40} "
                          f"{s['val_bits_per_base']:.4f}")
-    if "val_bits_per_base" in result and not result.get("stages"):
+    if "val_bits_per_base" in result and (of or not result.get("stages")):
         lines.append(f"  {run.model.name:<28} {result['val_bits_per_base']:.4f}")
     for name, v in result.get("baselines_bits_per_base", {}).items():
         lines.append(f"  {'Markov ' + name + ' baseline':<28} {v:.4f}")
     lines.append(f"  wall time {result['wall_s']:.1f} s" + (f", training {result['train_tok_s']:.0f} tokens/s" if "train_tok_s" in result else "")
                  + (f", MFU {100 * result['train_mfu']:.1f} %" if "train_mfu" in result else ""))
+    if of:
+        lines.append(f"glmtrain: NOT FINISHED: stopped by trainer.max_time_s={result['max_time_s']:g} at step "
+                     f"{result['steps']}{of}; rerun the same command to continue (a fresh time budget)")
     print("\n".join(lines), file=sys.stdout, flush=True)

@@ -15,6 +15,8 @@ from glmtrain.schedule import check
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
+# small real genomes shipped with the package (provenance: glmtrain/resources/genomes/README.md)
+GENOMES = ROOT / "glmtrain" / "resources" / "genomes"
 
 
 def compose_cfg(overrides: list[str]):

@@ -29,6 +29,7 @@ import pytest
 import torch
 
 from glmtrain.checkpointing import CheckpointError, list_checkpoints, step_path
+from glmtrain.locks import LOCK_NAME
 from glmtrain.train import train
 from tests._util import compose_run
 from tests.conftest import ROOT, assert_same_training_state, child_env, cli_cmd, losses
@@ -53,7 +54,7 @@ def _sha(state_dict: dict) -> str:
 
 
 def _ckpt(run_dir: Path, step: int) -> dict:
-    return torch.load(step_path(run_dir / "checkpoints", step), map_location="cpu", weights_only=False)
+    return torch.load(step_path(run_dir / "checkpoints", step), map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -169,7 +170,10 @@ def _partial(reference: Path, tmp_path: Path, last: int) -> Path:
 def test_speed_only_knobs_may_change_math_knobs_are_refused(tmp_path, reference, cache):
     run_dir = _partial(reference, tmp_path, 12)  # inside stage 3
     base = [*TINY, f"run_dir={run_dir}", f"data.cache_dir={cache}"]
-    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    def files():  # all but the run-dir lock, which records its latest holder (glmtrain.locks)
+        return {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != LOCK_NAME}
+
+    before = files()
     for change, expect in (
         (["model.d_model=48"], r"model\.d_model was 32 in the checkpoint, is 48 now"),
         (["+context.stages.1.lr=0.001"], r"context\.stages\[1\]\.lr was 0\.002 in the checkpoint, is 0\.001 now"),
@@ -179,7 +183,7 @@ def test_speed_only_knobs_may_change_math_knobs_are_refused(tmp_path, reference,
         with pytest.raises(CheckpointError, match=expect) as e:
             train(compose_run([*base, *change]))
         assert "\n" not in str(e.value)
-    assert before == {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}  # nothing touched
+    assert before == files()  # nothing touched
     # speed-only knobs (fused kernel, filter chunking, activation checkpointing) and a later stage's definition
     result = train(compose_run([*base, "model.fused_hyena=false", "model.filter_chunk=100",
                                 "+context.stages.3.activation_checkpointing=true", "context.stages.4.steps=5"]))
@@ -187,6 +191,39 @@ def test_speed_only_knobs_may_change_math_knobs_are_refused(tmp_path, reference,
     ref, got = _ckpt(reference, 16), _ckpt(run_dir, 16)  # stage 3 finished from the same checkpoint: same maths
     for k, v in ref["state_dict"].items():
         torch.testing.assert_close(got["state_dict"][k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_time_cap_and_run_dir_lock_span_the_stages(tmp_path, reference, cache, monkeypatch, capsys):
+    """trainer.max_time_s is one budget per invocation across its stages: spent inside a stage it stops there
+    (NOT FINISHED, the step of the whole schedule); spent at a stage's last step it lets that stage complete
+    and stops before the next.  The run directory's lock is held through every stage of an invocation."""
+    import sys
+
+    import glmtrain.train as tr
+
+    run_dir = _partial(reference, tmp_path, 2)  # inside stage 1 (steps 1-4)
+    args = [*TINY, f"run_dir={run_dir}", f"data.cache_dir={cache}", "eval.final=false"]
+    capped = [*args, "trainer.max_time_s=1e-6"]
+    r = train(compose_run(capped))
+    assert (r["stopped"], r["steps"], r["max_steps"]) == ("max_time_s", 3, 24)
+    assert "NOT FINISHED: stopped by trainer.max_time_s=1e-06 at step 3 of 24" in capsys.readouterr().out
+    r = train(compose_run(capped))  # a fresh budget: step 4 ends stage 1, which completes; stage 2 does not start
+    assert (r["stopped"], r["steps"]) == ("max_time_s", 4)
+    assert json.loads((run_dir / "final.json").read_text())["stopped"] == "max_time_s"
+    rows = json.loads((run_dir / "run.json").read_text())["stages"]
+    assert [s["status"] for s in rows[:2]] == ["complete", "pending"] and Path(f"{step_path(run_dir / 'checkpoints', 4)}.keep").exists()
+
+    held, inner = [], tr._train_stage
+
+    def probe(run, schedule, stage, *a, **kw):  # another process tries the lock as each stage starts
+        code = "import sys; from glmtrain.locks import FileLock; sys.exit(0 if FileLock(sys.argv[1]).try_acquire() else 3)"
+        held.append(subprocess.run([sys.executable, "-c", code, str(run_dir / LOCK_NAME)], cwd=ROOT).returncode == 3)
+        return inner(run, schedule, stage, *a, **kw)
+
+    monkeypatch.setattr(tr, "_train_stage", probe)
+    r = train(compose_run(args))
+    assert r["steps"] == 24 and "stopped" not in r and held == [True] * 4
+    assert_same_training_state(_ckpt(reference, 24), _ckpt(run_dir, 24))  # the stops changed nothing
 
 
 def test_evaluation_by_context_scores_the_same_bases_for_every_context(reference):

@@ -108,7 +108,7 @@ def _preempt_and_requeue(slurm, tmp_path, ntasks, extra, reference, seed):
     run_dir = tmp_path / "run"
     job = _submit(slurm, tmp_path, ntasks, [*TINY, *extra, f"run_dir={run_dir}"])
     after = random.Random(seed).choice([2, 4])
-    slurm.wait_for(lambda: (run_dir / "checkpoints" / f"step={after:08d}.ckpt").exists() or slurm.state(job) not in ("PENDING", "RUNNING"),
+    slurm.wait_for(lambda: (run_dir / "checkpoints" / f"step-{after:08d}.ckpt").exists() or slurm.state(job) not in ("PENDING", "RUNNING"),
                    f"job {job} to write the checkpoint of step {after}")
     assert slurm.state(job) == "RUNNING", slurm.job(job)
     res = subprocess.run(["scancel", "--signal=USR1", "--batch", job], capture_output=True, text=True, timeout=30)
@@ -121,7 +121,7 @@ def _preempt_and_requeue(slurm, tmp_path, ntasks, extra, reference, seed):
     stopped_at = int(stop_line.split("at step ")[1].split()[0])
     assert "(the job requeues itself)" in stop_line and f"requeueing job {job}" in log
     assert f"job {job} restart 1 on" in log
-    assert f"resuming from {run_dir}/checkpoints/step={stopped_at:08d}.ckpt" in log
+    assert f"resuming from {run_dir}/checkpoints/step-{stopped_at:08d}.ckpt" in log
     assert stopped_at in steps_saved(run_dir) and after <= stopped_at < 12
     a, b = final_checkpoint(reference), final_checkpoint(run_dir)
     assert_same_training_state(a, b)
@@ -170,8 +170,8 @@ def test_schedule_chain_runs_one_job_per_stage_in_order(slurm, tmp_path):
     assert i2["StartTime"] >= i1["EndTime"]
     assert "stopped before stage 2 (2-128) (trainer.stop_at_step=2)" in _log(run_dir, j1)
     log2 = _log(run_dir, j2)
-    assert "resuming in stage 2 (2-128)" in log2 and f"initialised weights from {run_dir}/checkpoints/step=00000002.ckpt" in log2
-    assert steps_saved(run_dir)[-1] == 4 and (run_dir / "checkpoints" / "step=00000002.ckpt.keep").exists()
+    assert "resuming in stage 2 (2-128)" in log2 and f"initialised weights from {run_dir}/checkpoints/step-00000002.ckpt" in log2
+    assert steps_saved(run_dir)[-1] == 4 and (run_dir / "checkpoints" / "step-00000002.ckpt.keep").exists()
     stages = json.loads((run_dir / "run.json").read_text())["stages"]
     assert [s["status"] for s in stages] == ["complete", "complete"]
     assert stages[1]["init_sha256"] == stages[0]["final_sha256"]  # stage 2 started from stage 1's final weights
