@@ -325,6 +325,9 @@ def resolve(run: RunConfig, dp: int | None = None, plan_only: bool = False) -> S
                           f"total {offset} steps); leave trainer.max_steps=0 under a schedule")
     if staged and t.stop_at_step < 0:
         raise ConfigError(f"trainer.stop_at_step={t.stop_at_step}: must be >= 0")
+    if staged and t.stop_at_step >= offset:
+        raise ConfigError(f"trainer.stop_at_step={t.stop_at_step} never takes effect: the schedule ends at step {offset} "
+                          f"(context={run.context.name}); use a smaller stop_at_step or 0")
     return Schedule(run.context.name if staged else "none", tuple(stages))
 
 

@@ -14,6 +14,7 @@ import copy
 import pytest
 import torch
 
+from glmtrain.config import ConfigError
 from glmtrain.memory import PeakLiveBytes, _measure, measure_activations, plan_report
 from glmtrain.models import build_model
 from glmtrain.schedule import check
@@ -86,3 +87,19 @@ def test_shipped_schedules_resolve_with_their_published_numbers():
     assert [s.window for s in hy] == [1024 * 2**i for i in range(6)]
     assert {s.global_batch_tokens for s in hy} == {262_144} and [s.global_batch_tokens // s.window for s in hy][::5] == [256, 8]
     assert all(s.carry == "weights+optimizer" for s in hy[1:])
+
+
+@pytest.mark.parametrize("overrides, says", [
+    (["trainer.max_steps=10"], "trainer.max_steps=10 conflicts with context=tiny_64_to_1k (its stages total 24 steps)"),
+    (["trainer.stop_at_step=24"], "trainer.stop_at_step=24 never takes effect: the schedule ends at step 24"),
+    (["context.stages.2.window=384"], "context.stages[2].window=384 does not divide the stored window (1024 bases"),
+    (["context.stages.2.steps=0"], "context.stages[2]: give its length as steps or as tokens (exactly one, > 0)"),
+    (["context.stages.2.steps=0", "+context.stages.2.tokens=1500"], "context.stages[2].tokens=1500 is not a whole number of steps"),
+    (["+context.stages.1.carry=optimizer"], "context.stages[1].carry='optimizer': allowed values are"),
+    (["+context.stages.1.rope_base=500000"], "context.stages[1].rope_base: model family 'hyena' has no attention layers"),
+    (["+context.stages.1.warmup_steps=9"], "context.stages[1]: warmup (9 steps) is longer than the stage (4 steps)"),
+])
+def test_a_schedule_that_cannot_run_is_refused_with_one_line(overrides, says):
+    with pytest.raises(ConfigError) as e:
+        check(compose_run(["context=tiny_64_to_1k", "model=hyena", *overrides]))
+    assert says in str(e.value) and "\n" not in str(e.value), str(e.value)

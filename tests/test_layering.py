@@ -4,7 +4,9 @@
   checks that need both live in ``glmtrain.schedule`` -- so there is no import cycle to hold apart;
 * the data package never imports the entry module (``glmtrain.cli``) nor training (``train``, ``module``,
   ``parallel``): data flows one way;
-* the data module reads its stream position from a ``StreamCursor``, never from the trainer.
+* the data module reads its stream position from a ``StreamCursor``, never from the trainer;
+* one module owns the checkpoint formats (``glmtrain.ckpt_formats``): ``checkpointing`` and
+  ``parallel.strategies`` use it and do not import each other.
 """
 
 from __future__ import annotations
@@ -28,6 +30,14 @@ def _imports(path: Path) -> set[str]:
 
 def test_config_does_not_import_parallel():
     assert not {m for m in _imports(PKG / "config.py") if m.startswith("glmtrain.parallel")}
+
+
+def test_one_module_owns_the_formats_checkpointing_and_strategies_do_not_import_each_other():
+    a, b = _imports(PKG / "checkpointing.py"), _imports(PKG / "parallel" / "strategies.py")
+    f = _imports(PKG / "ckpt_formats.py")
+    assert "glmtrain.parallel.strategies" not in a and "glmtrain.checkpointing" not in b
+    assert "glmtrain.ckpt_formats" in a and "glmtrain.ckpt_formats" in b
+    assert not {m for m in f if m.startswith(("glmtrain.checkpointing", "glmtrain.parallel"))}
 
 
 def test_data_package_does_not_import_entry_or_training_modules():
