@@ -188,12 +188,18 @@ def load_optimizer_state(path: Path) -> dict:
 
 
 def weights_sha256(state_dict: dict) -> str:
-    """sha256 over (name, dtype, shape, bytes) of every tensor, in name order: a checksum of weights."""
+    """sha256 over (name, dtype, shape, bytes) of every tensor, in name order: a checksum of weights.
+
+    Sharded tensors (DTensor: FSDP2, tensor parallel) are gathered one at a time -- a collective, so
+    every rank calls this at the same point -- and give the checksum of the whole weights."""
     import hashlib
+
+    from torch.distributed.tensor import DTensor
 
     h = hashlib.sha256()
     for k in sorted(state_dict):
-        t = state_dict[k].detach().to("cpu").contiguous()
+        t = state_dict[k].detach()
+        t = (t.full_tensor() if isinstance(t, DTensor) else t).to("cpu").contiguous()
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
