@@ -209,8 +209,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "logger.kind": ("csv", "wandb", "none"),
     "logger.mode": ("offline", "online"),
     "model.tokenizer.kind": ("char", "kmer", "byte"),
-    "model.tokenizer.lowercase": ("upper", "keep", "error"),
-    "model.tokenizer.iupac": ("N", "keep", "error"),
+    "model.tokenizer.lowercase": ("upper", "keep", "error", "unk"),
+    "model.tokenizer.iupac": ("N", "keep", "error", "unk"),
     "model.tokenizer.unknown": ("error", "unk"),
 }
 

@@ -167,7 +167,7 @@ PLANS: dict[str, FamilyPlan] = {
             "mixer.qkv": Colwise(fused=3), "mixer.proj": Colwise(fused=3), "mixer.out": Rowwise(),
             "mixer": Local(
                 params={"short_conv.weight": 3, "short_conv.bias": 3, "filter.h": 1, "filter.D": 1,
-                        "filter.log_rate": 1, "filter.residues": 1},
+                        "filter.log_rate": 1, "filter.log_poles": 1, "filter.residues": 1},
                 buffers={"filter.window": 1},
                 attrs={"filter.d": lambda v, tp: v // tp, "cfg": _cfg_copy},
             ),
