@@ -197,15 +197,16 @@ def exporters() -> dict[str, Exporter]:
 
 
 # ----------------------------------------------------------------------------- import
-def open_released(path: str | Path) -> Released:
-    weights, config_path = locate(path)
+def open_released(path: str | Path, config_path: str | Path | None = None) -> Released:
+    weights, found = locate(path)
+    config_path = Path(config_path) if config_path else found
     tensors, metadata, placeholders = read_tensors(weights)
     return Released(Path(path), weights, tensors, metadata, config_path, read_config(config_path), placeholders)
 
 
-def load_released(path: str | Path, family: str | None = None) -> Imported:
+def load_released(path: str | Path, family: str | None = None, config_path: str | Path | None = None) -> Imported:
     """Read a released checkpoint into glmtrain's names (any registered layout, or those of ``family``)."""
-    src = open_released(path)
+    src = open_released(path, config_path)
     known = layouts()
     candidates = [lay for lay in known.values() if family is None or lay.family in (family, "")]
     lay = next((lay for lay in candidates if lay.match(src)), None)
@@ -224,9 +225,10 @@ def load_released(path: str | Path, family: str | None = None) -> Imported:
     return imp
 
 
-def _config_value(cfg: Any, key: str) -> Any:
+def _config_values(cfg: Any, key: str) -> list[Any]:
+    """The config's value for ``key``, as written and as resolved (``mlp_dim: 0`` -> the derived width)."""
     resolve = getattr(cfg, f"resolved_{key}", None)
-    return resolve() if callable(resolve) else getattr(cfg, key)
+    return [getattr(cfg, key)] + ([resolve()] if callable(resolve) else [])
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -241,9 +243,9 @@ def _same(a: Any, b: Any) -> bool:
 def check_config(imp: Imported, cfg: Any) -> None:
     """The model config must agree with every value the release fixes; one line names the first that does not."""
     for key, want in imp.config.items():
-        have = _config_value(cfg, key)
-        if not _same(have, want):
-            raise ConvertError(f"model.{key}={have!r}, but {imp.source} ({imp.layout}) was published with {want!r}; "
+        values = _config_values(cfg, key)
+        if not any(_same(have, want) for have in values):
+            raise ConvertError(f"model.{key}={values[-1]!r}, but {imp.source} ({imp.layout}) was published with {want!r}; "
                                f"set model.{key}={want} (or choose the matching model=...)")
 
 
