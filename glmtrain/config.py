@@ -155,7 +155,8 @@ class TrainerConfig:
     nonfinite: str = "skip"
     nonfinite_max_consecutive: int = 10  # skip: stop after this many skipped steps in a row (0 = never)
     # Weights-only start (a later stage of a chain): a checkpoint file or a run directory (its newest
-    # checkpoint). Optimizer, schedule and data position start fresh. Ignored when the run resumes.
+    # checkpoint), or a released checkpoint that glmtrain.convert imports (HyenaDNA, Evo 2, HF exports).
+    # Optimizer, schedule and data position start fresh. Ignored when the run resumes.
     init_from: str = ""
 
 

@@ -253,6 +253,9 @@ def test_cli_import_then_hf_export_parity_and_round_trip(tmp_path, hyena_import,
         assert float((a - b).norm() / b.norm()) < 1e-5
         again = load_released(out, family=family)  # the export reads back into glmtrain unchanged
         assert again.layout == "glmtrain-hf" and state_equal(build_imported_model(again)[0], model)
+    single = tmp_path / "hyena.safetensors"  # one file instead of a directory
+    assert main(["import", "hyena", str(HYENA_FIX), str(single)]) == 0
+    assert state_equal(build_imported_model(load_released(single))[0], hyena_import[1][0])
 
 
 def test_transformer_exports_to_gpt_neox_and_encoder_to_masked_lm(tmp_path):

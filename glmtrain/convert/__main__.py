@@ -81,11 +81,15 @@ def cmd_import(args) -> None:
     report = {"source": imp.source, "layout": imp.layout, "family": imp.family, "model_config": dataclasses.asdict(cfg),
               "checked_config": imp.config, "tokenizer": dataclasses.asdict(tok_cfg), "mapped": imp.mapped,
               "dropped": imp.dropped, "recomputed": recomputed, "notes": imp.notes, "matching_model_configs": matches}
-    files = export_model(model, args.out, tok_cfg, extra=report)
+    files = export_model(model, args.out, tok_cfg, extra=None if str(args.out).endswith(".safetensors") else report)
     print("\n".join(lines))
     print(f"wrote {args.out}: {', '.join(files)}")
-    use = f"model={matches[0]}" if matches else f"a model config equal to {args.out}/import.json's model_config"
-    print(f"train from it: python -m glmtrain {use} trainer.init_from={args.out}")
+    if matches:
+        also = f" (or {', '.join('model=' + m for m in matches[1:])})" if len(matches) > 1 else ""
+        print(f"train from it: python -m glmtrain model={matches[0]} trainer.init_from={args.out}{also}")
+    else:
+        print(f"train from it: python -m glmtrain model=<a config with the values of import.json's model_config> "
+              f"trainer.init_from={args.out}")
 
 
 def cmd_export(args) -> None:
