@@ -133,29 +133,30 @@ def _norm(kind, d, eps):
     return nn.LayerNorm(d, eps=eps) if kind == "layernorm" else RMSNorm(d, eps, "rsqrt")
 
 
-# ----------------------------------------------------------------------------- Transformer baseline
-class TransformerBlock(nn.Module):
-    def __init__(self, c):
+class Block(nn.Module):
+    """Pre-norm residual block: x += mixer(norm1(x)); x += mlp(norm2(x)).  ``mixer_name`` keeps glmtrain's
+    parameter names (``attn`` in the Transformer, ``mixer`` elsewhere)."""
+
+    def __init__(self, norm1, mixer, norm2, mlp, mixer_name="mixer"):
         super().__init__()
-        d = c["d_model"]
-        self.norm1 = _norm(c["norm"], d, c["norm_eps"])
-        self.attn = Attention(d, c["n_heads"], c["causal"], c["bias"], c["bias"], c["rope_base"], c["rope_interpolation"], False)
-        self.norm2 = _norm(c["norm"], d, c["norm_eps"])
-        hidden = c["ffn_dim"] or (64 * math.ceil(8 * d / 3 / 64) if c["mlp"] == "swiglu" else 4 * d)
-        self.mlp = GatedMLP(d, hidden, c["bias"], "silu") if c["mlp"] == "swiglu" else GeluMLP(d, hidden, c["bias"])
+        self.norm1, self.norm2, self.mlp, self.mixer_name = norm1, norm2, mlp, mixer_name
+        setattr(self, mixer_name, mixer)
 
     def forward(self, x, key_padding=None):
-        x = x + self.attn(self.norm1(x), key_padding)
+        mixer = getattr(self, self.mixer_name)
+        h = self.norm1(x)
+        x = x + (mixer(h, key_padding) if isinstance(mixer, Attention) else mixer(h))
         return x + self.mlp(self.norm2(x))
 
 
-class TransformerNet(nn.Module):
-    def __init__(self, c, vocab):
+class LMNet(nn.Module):
+    """Embedding -> blocks -> final norm -> LM head (tied to the embedding when the config says so)."""
+
+    def __init__(self, vocab, d, blocks, norm_f):
         super().__init__()
-        d = c["d_model"]
         self.embed = nn.Embedding(vocab, d)
-        self.blocks = nn.ModuleList(TransformerBlock(c) for _ in range(c["n_layers"]))
-        self.norm_f = _norm(c["norm"], d, c["norm_eps"])
+        self.blocks = nn.ModuleList(blocks)
+        self.norm_f = norm_f
         self.lm_head = nn.Linear(d, vocab, bias=False)
 
     def forward(self, ids, key_padding=None):
@@ -163,6 +164,19 @@ class TransformerNet(nn.Module):
         for b in self.blocks:
             x = b(x, key_padding)
         return self.lm_head(self.norm_f(x))
+
+
+# ----------------------------------------------------------------------------- Transformer baseline
+def transformer_net(c, vocab):
+    d = c["d_model"]
+    hidden = c["ffn_dim"] or (64 * math.ceil(8 * d / 3 / 64) if c["mlp"] == "swiglu" else 4 * d)
+
+    def block():
+        attn = Attention(d, c["n_heads"], c["causal"], c["bias"], c["bias"], c["rope_base"], c["rope_interpolation"], False)
+        mlp = GatedMLP(d, hidden, c["bias"], "silu") if c["mlp"] == "swiglu" else GeluMLP(d, hidden, c["bias"])
+        return Block(_norm(c["norm"], d, c["norm_eps"]), attn, _norm(c["norm"], d, c["norm_eps"]), mlp, "attn")
+
+    return LMNet(vocab, d, [block() for _ in range(c["n_layers"])], _norm(c["norm"], d, c["norm_eps"]))
 
 
 # ----------------------------------------------------------------------------- HyenaDNA
@@ -223,33 +237,11 @@ class HyenaOperator(nn.Module):
         return self.out_proj(y.transpose(1, 2).to(x.dtype))
 
 
-class HyenaBlock(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        d = c["d_model"]
-        self.norm1 = nn.LayerNorm(d, eps=c["norm_eps"])
-        self.mixer = HyenaOperator(c)
-        self.norm2 = nn.LayerNorm(d, eps=c["norm_eps"])
-        self.mlp = GeluMLP(d, c["d_inner"] or 4 * d, True)
-
-    def forward(self, x):
-        x = x + self.mixer(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
-class HyenaNet(nn.Module):
-    def __init__(self, c, vocab):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, c["d_model"])
-        self.blocks = nn.ModuleList(HyenaBlock(c) for _ in range(c["n_layers"]))
-        self.norm_f = nn.LayerNorm(c["d_model"], eps=c["norm_eps"])
-        self.lm_head = nn.Linear(c["d_model"], vocab, bias=False)
-
-    def forward(self, ids, key_padding=None):
-        x = self.embed(ids)
-        for b in self.blocks:
-            x = b(x)
-        return self.lm_head(self.norm_f(x))
+def hyena_net(c, vocab):
+    d, eps = c["d_model"], c["norm_eps"]
+    blocks = [Block(nn.LayerNorm(d, eps=eps), HyenaOperator(c), nn.LayerNorm(d, eps=eps), GeluMLP(d, c["d_inner"] or 4 * d, True))
+              for _ in range(c["n_layers"])]
+    return LMNet(vocab, d, blocks, nn.LayerNorm(d, eps=eps))
 
 
 # ----------------------------------------------------------------------------- Evo 2 (StripedHyena 2)
@@ -312,42 +304,22 @@ class StripedHyenaMixer(nn.Module):
         return self.out((post * conv).transpose(1, 2).to(x.dtype))
 
 
-class Evo2Block(nn.Module):
-    def __init__(self, c, kind, layer):
-        super().__init__()
-        d = c["d_model"]
-        self.norm1 = RMSNorm(d, c["norm_eps"], c["rmsnorm"])
+def evo2_net(c, vocab):
+    d, eps = c["d_model"], c["norm_eps"]
+    hidden = c["mlp_dim"] or c["mlp_multiple_of"] * math.ceil(int(2 * d * 4 / 3) / c["mlp_multiple_of"])
+    blocks = []
+    for i, kind in enumerate(c["pattern"]):
         if kind == "*":
-            self.mixer = Attention(d, c["n_heads"], True, c["qkv_bias"], c["attn_out_bias"], c["rope_base"],
-                                   c["rope_interpolation"], c["rope_freqs"] == "stored")
+            mixer = Attention(d, c["n_heads"], True, c["qkv_bias"], c["attn_out_bias"], c["rope_base"],
+                              c["rope_interpolation"], c["rope_freqs"] == "stored")
         else:
-            self.mixer = StripedHyenaMixer(c, kind)
-        self.norm2 = RMSNorm(d, c["norm_eps"], c["rmsnorm"])
-        act = c["mlp_activation"] if (layer == 0 or not c["mlp_act_first_layer_only"]) else "identity"
-        hidden = c["mlp_dim"] or c["mlp_multiple_of"] * math.ceil(int(2 * d * 4 / 3) / c["mlp_multiple_of"])
-        self.mlp = GatedMLP(d, hidden, False, act)
-
-    def forward(self, x):
-        x = x + self.mixer(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+            mixer = StripedHyenaMixer(c, kind)
+        act = c["mlp_activation"] if (i == 0 or not c["mlp_act_first_layer_only"]) else "identity"
+        blocks.append(Block(RMSNorm(d, eps, c["rmsnorm"]), mixer, RMSNorm(d, eps, c["rmsnorm"]), GatedMLP(d, hidden, False, act)))
+    return LMNet(vocab, d, blocks, RMSNorm(d, eps, c["rmsnorm"]))
 
 
-class Evo2Net(nn.Module):
-    def __init__(self, c, vocab):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, c["d_model"])
-        self.blocks = nn.ModuleList(Evo2Block(c, k, i) for i, k in enumerate(c["pattern"]))
-        self.norm_f = RMSNorm(c["d_model"], c["norm_eps"], c["rmsnorm"])
-        self.lm_head = nn.Linear(c["d_model"], vocab, bias=False)
-
-    def forward(self, ids, key_padding=None):
-        x = self.embed(ids)
-        for b in self.blocks:
-            x = b(x)
-        return self.lm_head(self.norm_f(x))
-
-
-NETWORKS = {"transformer": TransformerNet, "hyena": HyenaNet, "evo2": Evo2Net}
+NETWORKS = {"transformer": transformer_net, "hyena": hyena_net, "evo2": evo2_net}
 
 
 # ----------------------------------------------------------------------------- transformers wrappers
