@@ -73,13 +73,14 @@ def test_hyenadna_fixture_parity_fp32_fp64(hyena_import):
         assert tok.encode(seq["text"]).tolist() == ids.tolist() == seq["input_ids"]  # [CLS] ... [SEP], lowercase -> [UNK]
         with torch.no_grad():
             lg32 = model.float()(ids[None])[0]
-            lg64 = model.double()(ids[None])[0]
         assert (lg32 - ref[f"seq{i}.logits.float32"]).abs().max() < 1e-5
         assert abs(mean_loglik(lg32, ids) - ref[f"seq{i}.mean_next_token_loglik.float32"].item()) < 1e-6
-        assert (lg64 - ref[f"seq{i}.logits.float64"]).abs().max() < 1e-7  # the reference rounds its residual to fp32
-        assert (lg64 - ref[f"seq{i}.logits.float64_residual_fp64_zt_fp64"]).abs().max() < 1e-10
-        assert abs(mean_loglik(lg64, ids) - ref[f"seq{i}.mean_next_token_loglik.float64"].item()) < 1e-9
+    with torch.no_grad():  # float64 on the longer sequence (l_max tokens); scripts/parity_released.py measures both
+        lg64 = model.double()(ids[None])[0]
     model.float()
+    assert (lg64 - ref["seq1.logits.float64"]).abs().max() < 1e-7  # the reference rounds its residual to fp32
+    assert (lg64 - ref["seq1.logits.float64_residual_fp64_zt_fp64"]).abs().max() < 1e-10
+    assert abs(mean_loglik(lg64, ids) - ref["seq1.mean_next_token_loglik.float64"].item()) < 1e-9
 
 
 def _hf_layout(tmp: Path) -> Path:
@@ -172,12 +173,13 @@ def test_evo2_fixture_parity_fp32_fp64(evo2_import):
         x = torch.tensor(ids)
         with torch.no_grad():
             lg32 = model.float()(x[None])[0]
-            lg64 = model.double()(x[None])[0]
         assert (lg32 - ref[f"seq{j}.logits_f32"]).abs().max() < 1e-4
         assert abs(mean_loglik(lg32, x) - ref["mean_loglik_f32"][j].item()) < 1e-5
-        assert (lg64 - ref[f"seq{j}.logits_f64"]).abs().max() < 1e-9
-        assert abs(mean_loglik(lg64, x) - ref["mean_loglik_f64"][j].item()) < 1e-9
+    with torch.no_grad():  # float64 on the longer sequence
+        lg64 = model.double()(x[None])[0]
     model.float()
+    assert (lg64 - ref["seq1.logits_f64"]).abs().max() < 1e-9
+    assert abs(mean_loglik(lg64, x) - ref["mean_loglik_f64"][1].item()) < 1e-9
 
 
 def test_evo2_numerics_options():
@@ -220,7 +222,7 @@ def test_evo2_released_extras_and_training_parametrisation(tmp_path, evo2_import
     state, _ = fit(imp, model)
     model.load_state_dict(state)
     assert torch.equal(model.blocks[1].mixer.filter.window, torch.ones(16, 128))
-    x = torch.tensor(json.loads((EVO2_FIX / "inputs.json").read_text())["input_ids"][0])[None]
+    x = torch.tensor(json.loads((EVO2_FIX / "inputs.json").read_text())["input_ids"][0][:200])[None]
     with torch.no_grad():
         assert (model.eval()(x) - ref_model(x)).abs().max() < 1e-4
 
@@ -247,7 +249,7 @@ def test_cli_import_then_hf_export_parity_and_round_trip(tmp_path, hyena_import,
         seq = seq["text"] if isinstance(seq, dict) else seq
         ids = build_tokenizer(vars(tok_cfg)).encode(seq)
         assert tok(seq)["input_ids"] == ids.tolist()
-        x = torch.as_tensor(ids)[None]
+        x = torch.as_tensor(ids[:300])[None]
         with torch.no_grad():
             a, b = hf(x).logits, model(x)
         assert float((a - b).norm() / b.norm()) < 1e-5

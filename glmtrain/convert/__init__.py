@@ -331,7 +331,11 @@ def is_released(spec: str | Path) -> bool:
     if p.suffix == ".safetensors":
         return True
     if p.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        from glmtrain.checkpointing import CKPT_RE
         from glmtrain.convert.files import safe_torch_load
+
+        if CKPT_RE.match(p.name):
+            return False  # glmtrain's own step=N.ckpt
 
         try:
             obj, _ = safe_torch_load(p)
