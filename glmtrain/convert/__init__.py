@@ -62,9 +62,6 @@ class Released:
     config: dict | None
     placeholders: list[str]  # non-tensor globals of a pickled file, replaced by inert placeholders
 
-    def keys_with(self, prefix: str) -> list[str]:
-        return [k for k in self.tensors if k.startswith(prefix)]
-
 
 @dataclass
 class Imported:

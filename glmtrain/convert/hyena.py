@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import re
 
-import torch
 
 from glmtrain.convert import ConvertError, Imported, Layout, Released, Taker, register_layout
 
