@@ -46,19 +46,14 @@ def load_run(src: str | Path):
     """A glmtrain run directory or checkpoint -> (model with its newest weights, tokenizer config)."""
     from omegaconf import OmegaConf
 
+    from glmtrain import ckpt_formats
     from glmtrain.checkpointing import resolve_checkpoint
     from glmtrain.config import validate
-    from glmtrain.convert.files import safe_torch_load
     from glmtrain.models import build_model
     from glmtrain.tokenizers import build_tokenizer
 
     ckpt = resolve_checkpoint(src)
-    if ckpt.is_dir():
-        from glmtrain.parallel.strategies import load_sharded_as_full
-
-        full = load_sharded_as_full(ckpt)
-    else:
-        full, _ = safe_torch_load(ckpt)
+    full = ckpt_formats.load_full(ckpt)  # glmtrain's own formats, weights_only (refuses planted files)
     run_dir = Path(src) if Path(src).is_dir() else ckpt.parent.parent
     if (run_dir / "config.yaml").is_file():
         run = validate(OmegaConf.load(run_dir / "config.yaml"))
