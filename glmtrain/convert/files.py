@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -78,22 +77,21 @@ def read_config(path: Path | None) -> dict | None:
 
 
 def safe_torch_load(path: Path) -> tuple[Any, list[str]]:
-    """``torch.load(weights_only=True)``; non-tensor globals become :class:`Inert` (returned by name)."""
+    """``torch.load(weights_only=True)`` (:func:`glmtrain.ckpt_formats.safe_load`); the non-tensor globals a
+    released file names become :class:`Inert` (returned by name) instead of refusing the whole file."""
     import zipfile
+
+    from glmtrain.ckpt_formats import UnsafeCheckpointError, safe_load
 
     mmap = zipfile.is_zipfile(path)  # zip-format files map their storages instead of reading them
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), []
-    except pickle.UnpicklingError:
-        pass
+        try:
+            return safe_load(str(path), path, mmap=mmap), []
+        except UnsafeCheckpointError:
+            names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+            return safe_load(str(path), path, mmap=mmap, extra_globals=tuple((Inert, n) for n in names)), names
     except Exception as e:
-        raise ConvertError(f"{path}: not a readable torch file ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-    try:
-        names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-        with torch.serialization.safe_globals([(Inert, n) for n in names]):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), names
-    except Exception as e:
-        raise ConvertError(f"{path}: cannot be read without executing its pickled code "
+        raise ConvertError(f"{path}: not readable without executing pickled code or not a torch file "
                            f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); save its state_dict as safetensors") from None
 
 
