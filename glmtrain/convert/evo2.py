@@ -85,7 +85,8 @@ def _pattern(src: Released, n: int) -> str:
 def _read(src: Released) -> Imported:
     tk = Taker(src, "evo2-vortex")
     cfg = src.config or {}
-    notes = [] if src.config else [f"no vortex config next to {src.weights.name}: block kinds and shapes read from the tensors"]
+    notes = [] if src.config else [f"no vortex config next to {src.weights.name} (give --config): shapes and block kinds "
+                                   "read from the tensors; eps, activations and RoPE interpolation taken from the model config"]
     for key, want in SUPPORTED_FLAGS.items():
         if key in cfg and cfg[key] != want:
             raise ConvertError(f"{src.config_path}: {key}={cfg[key]!r}; glmtrain imports the released layout ({key}={want!r})")
@@ -112,9 +113,12 @@ def _read(src: Released) -> Imported:
     tk.put("norm_f.weight", tk.take("norm.scale"), "norm.scale")
     heads = int(cfg.get("num_attention_heads", 0))
     mlp_dim = tk.get("blocks.0.mlp.l1.weight").shape[0]
-    config = {"d_model": d, "pattern": pattern, "mlp_dim": mlp_dim, "rmsnorm": "vortex", "tie_embeddings": tie,
-              "norm_eps": float(cfg.get("eps", 1e-6)), "mlp_act_first_layer_only": bool(cfg.get("evo2_style_activations", True)),
-              "mlp_activation": str(cfg.get("mlp_activation", "gelu"))}
+    config = {"d_model": d, "pattern": pattern, "mlp_dim": mlp_dim, "rmsnorm": "vortex", "tie_embeddings": tie}
+    # values only the config states: checked when it is there, left to the model config otherwise
+    for key, ours, conv in (("eps", "norm_eps", float), ("evo2_style_activations", "mlp_act_first_layer_only", bool),
+                            ("mlp_activation", "mlp_activation", str)):
+        if key in cfg:
+            config[ours] = conv(cfg[key])
     if "inner_mlp_size" in cfg and int(cfg["inner_mlp_size"]) != mlp_dim:
         raise ConvertError(f"{src.weights}: mlp.l1 has {mlp_dim} rows but the config says inner_mlp_size {cfg['inner_mlp_size']}")
     optional: set[str] = set()
@@ -180,8 +184,9 @@ def _read(src: Released) -> Imported:
             tk.put(f"{gf}D", tk.take(f"{f}D"), f"{f}D")
     if "*" in pattern:
         config["n_heads"] = heads
-        factor = float(cfg.get("rotary_emb_scaling_factor", 1.0)) if cfg.get("use_interpolated_rotary_pos_emb") else 1.0
-        config["rope_interpolation"] = factor
+        if cfg:
+            factor = float(cfg.get("rotary_emb_scaling_factor", 1.0)) if cfg.get("use_interpolated_rotary_pos_emb") else 1.0
+            config["rope_interpolation"] = factor
         config["rope_freqs"] = "stored"
         base = float(cfg.get("rotary_emb_base", 10000.0))
         implied = float(stored_freqs.double()[1] ** (-stored_freqs.numel())) if stored_freqs.numel() > 1 else base
