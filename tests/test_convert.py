@@ -24,6 +24,12 @@ from glmtrain.convert import ConvertError, build_imported_model, load_released
 from glmtrain.tokenizers import CharTokenizer
 from tests._util import SHARED, compose_run
 
+# transformers' from_pretrained patches torch.linspace for a moment; if torch first fills its (cached) list of
+# factory functions that `with torch.device(...)` redirects during that moment, torch.linspace stays
+# un-redirected for the rest of the process (and later meta-device builds mix devices).  Fill it now.
+with torch.device("meta"):
+    torch.empty(0)
+
 REF = SHARED / "data" / "reference"
 HYENA_FIX, EVO2_FIX = REF / "hyenadna_tiny", REF / "evo2_vortex_tiny"
 needs_hyena = pytest.mark.skipif(not HYENA_FIX.is_dir(), reason=f"golden fixture {HYENA_FIX} is absent")

@@ -153,14 +153,15 @@ def mr_decay_window(cfg: "Evo2Config") -> torch.Tensor | None:
     lo, hi = MR_DECAY_PRESETS[cfg.mr_decay_preset]
     # as savanna's ExplicitSingleDecayFilter builds it (fp32): rates log-spaced over the groups, t in [0, 1]
     rates = torch.logspace(lo, hi, groups)[:, None]
-    return torch.exp(-rates * torch.linspace(0, 1, length)[None])
+    return torch.exp(-rates * torch.linspace(0, 1, length, device=rates.device)[None])
 
 
 def linear_decay_window(groups: int, length: int, fast: float, slow: float, target: float) -> torch.Tensor:
     """Rates spread linearly so that the slowest group reaches ``target`` at ``slow`` and the fastest at
     ``fast`` (fractions of the filter length)."""
     t = torch.arange(length, dtype=torch.float64) / length
-    rates = torch.linspace(math.log(1 / target) / slow, math.log(1 / target) / fast, groups, dtype=torch.float64)
+    rates = torch.linspace(math.log(1 / target) / slow, math.log(1 / target) / fast, groups, dtype=torch.float64,
+                           device=t.device)
     return torch.exp(-rates[:, None] * t[None, :]).float()
 
 
@@ -213,8 +214,8 @@ class ModalFilter(nn.Module):
         self.d, self.groups, self.state_size, self.param = d, groups, state_size, param
         lo, hi = math.log(rate_min), math.log(rate_max)
         # each group gets modes spread log-uniformly over [rate_min, rate_max], with jitter
-        base = torch.linspace(lo, hi, state_size, dtype=torch.float64)
         jitter = (torch.rand(groups, state_size, dtype=torch.float64) - 0.5) * (hi - lo) / max(1, state_size)
+        base = torch.linspace(lo, hi, state_size, dtype=torch.float64, device=jitter.device)
         log_rate = (base[None, :] + jitter).float()
         if param == "log_rate":
             self.log_rate = nn.Parameter(log_rate)
