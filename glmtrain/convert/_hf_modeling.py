@@ -46,6 +46,17 @@ def _depthwise_causal(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                     groups=u.shape[1])
 
 
+def _short_conv_chunks(z: torch.Tensor, conv: nn.Conv1d, dt: torch.dtype):
+    """Fused d -> 3d projection [B, L, 3d] and its depthwise conv, stored channel-interleaved (row 3c + j =
+    component j of channel c) -> the convolved (post, pre, v), each [B, d, L]."""
+    b, n, c3 = z.shape
+    z = z.view(b, n, c3 // 3, 3).permute(0, 3, 2, 1).reshape(b, c3, n)
+    k = conv.weight.shape[-1]
+    w = conv.weight.view(c3 // 3, 3, 1, k).transpose(0, 1).reshape(c3, 1, k)
+    bias = None if conv.bias is None else conv.bias.view(c3 // 3, 3).t().reshape(c3)
+    return _depthwise_causal(z, w, bias).to(dt).chunk(3, dim=1)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, formula: str):
         super().__init__()
@@ -99,7 +110,8 @@ class Attention(nn.Module):
 
     def forward(self, x, key_padding=None):
         b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.hd).permute(2, 0, 3, 1, 4)
+        # fused rows head-major: [head, (q, k, v), head_dim]
+        q, k, v = self.qkv(x).view(b, n, self.heads, 3, self.hd).permute(3, 0, 2, 1, 4)
         q, k = self.rope(q, k)
         mask = None
         if key_padding is not None and not self.causal:
@@ -230,8 +242,7 @@ class HyenaOperator(nn.Module):
 
     def forward(self, x):
         dt = _compute_dtype(x)
-        z = _depthwise_causal(self.in_proj(x).transpose(1, 2), self.short_conv.weight, self.short_conv.bias).to(dt)
-        post, pre, v = z.chunk(3, dim=1)
+        post, pre, v = _short_conv_chunks(self.in_proj(x), self.short_conv, dt)
         u = pre * v
         y = post * (_causal_fft_conv(u, self.filter(x.shape[1], dt)) + u * self.filter.bias.to(dt)[:, None])
         return self.out_proj(y.transpose(1, 2).to(x.dtype))
@@ -295,8 +306,7 @@ class StripedHyenaMixer(nn.Module):
     def forward(self, x):
         dt = _compute_dtype(x)
         d, n = x.shape[-1], x.shape[1]
-        z = _depthwise_causal(self.proj(x).transpose(1, 2), self.short_conv.weight, self.short_conv.bias).to(dt)
-        post, pre, v = z.chunk(3, dim=1)
+        post, pre, v = _short_conv_chunks(self.proj(x), self.short_conv, dt)
         u = pre * v
         conv = _causal_fft_conv(u, self.filter.kernel(d, n, dt))
         if hasattr(self.filter, "D"):

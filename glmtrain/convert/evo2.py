@@ -3,8 +3,8 @@
 vortex stores (``StripedHyena.state_dict()`` names, ``configs/evo2-*.yml`` next to it):
 
 * Hyena blocks: ``projections.weight`` [3d, d] and ``filter.short_filter_weight`` [3d, 1, 3] are
-  channel-interleaved -- rows 3j, 3j+1, 3j+2 feed channel j of x2 (output gate), x1 (pre-gate) and v;
-  glmtrain stacks them as [post; pre; v];
+  channel-interleaved -- rows 3j, 3j+1, 3j+2 feed channel j of x2 (output gate), x1 (pre-gate) and v --
+  which is glmtrain's own (tensor-parallel-native) layout of post, pre, v: taken as they are;
 * Hyena-SE ``filter.h`` [G, 1, 7] is applied as a cross-correlation (tap 6 multiplies the current
   token), glmtrain's explicit filters as a convolution (tap 0): the taps are reversed;
 * Hyena-MR ``filter.h`` [G, 1, 128] already contains its decay window (savanna's converter stores
@@ -14,8 +14,8 @@ vortex stores (``StripedHyena.state_dict()`` names, ``configs/evo2-*.yml`` next 
   model built from the release uses), or mapped to ``log_rate = log(-log p)`` for a model that trains
   with savanna's parametrisation p = exp(-exp(log_rate)) (``li_poles: log_rate``, rounded to the
   parameter dtype: ~1e-7 relative in fp32); every stored pole must lie in (0, 1);
-* attention ``Wqkv.weight`` is head-interleaved ([head, (q, k, v), head_dim] rows, ``column_split``);
-  glmtrain's fused qkv is [q; k; v]; the stored RoPE frequencies ``rotary_emb.inv_freq`` are kept as
+* attention ``Wqkv.weight`` is head-interleaved ([head, (q, k, v), head_dim] rows, ``column_split``),
+  glmtrain's head-major fused qkv layout: taken as it is; the stored RoPE frequencies ``rotary_emb.inv_freq`` are kept as
   they are (``rope_freqs: stored``);
 * ``unembed.weight`` (a copy of the embedding written by savanna's converter) is ignored, as vortex
   ignores it; Transformer Engine ``*._extra_state`` entries (FP8 metadata) and leftover ``filter.t``
@@ -43,17 +43,6 @@ SUPPORTED_FLAGS = {"interleave": True, "column_split": True, "column_split_hyena
 
 def _match(src: Released) -> bool:
     return "embedding_layer.weight" in src.tensors and any(k.startswith("blocks.0.") for k in src.tensors)
-
-
-def _deinterleave(w: torch.Tensor) -> torch.Tensor:
-    """[3d, ...] rows ordered (channel, x2/x1/v) -> [x2; x1; v], each [d, ...] (glmtrain's post, pre, v)."""
-    return w.reshape(w.shape[0] // 3, 3, *w.shape[1:]).transpose(0, 1).reshape(w.shape)
-
-
-def _qkv_from_heads(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """[3d, ...] rows ordered (head, q/k/v, head_dim) -> [q; k; v], each [head, head_dim]."""
-    hd = w.shape[0] // 3 // heads
-    return w.reshape(heads, 3, hd, *w.shape[1:]).transpose(0, 1).reshape(w.shape)
 
 
 def _pattern(src: Released, n: int) -> str:
@@ -138,23 +127,23 @@ def _read(src: Released) -> Imported:
             if heads * hd != d:
                 raise ConvertError(f"{src.weights}: {a}rotary_emb.inv_freq implies head_dim {hd}, which with "
                                    f"{heads} heads does not give d_model {d}")
-            tk.put(f"{g}mixer.qkv.weight", _qkv_from_heads(tk.take(f"{a}Wqkv.weight"), heads), f"{a}Wqkv.weight")
+            tk.put(f"{g}mixer.qkv.weight", tk.take(f"{a}Wqkv.weight"), f"{a}Wqkv.weight")
             config["qkv_bias"] = tk.has(f"{a}Wqkv.bias")
             if config["qkv_bias"]:
-                tk.put(f"{g}mixer.qkv.bias", _qkv_from_heads(tk.take(f"{a}Wqkv.bias"), heads), f"{a}Wqkv.bias")
+                tk.put(f"{g}mixer.qkv.bias", tk.take(f"{a}Wqkv.bias"), f"{a}Wqkv.bias")
             config["attn_out_bias"] = tk.has(f"{a}out_proj.bias")
             for p in ("weight", "bias") if config["attn_out_bias"] else ("weight",):
                 tk.put(f"{g}mixer.out.{p}", tk.take(f"{a}out_proj.{p}"), f"{a}out_proj.{p}")
             tk.put(f"{g}mixer.rope.freqs", freqs, f"{a}rotary_emb.inv_freq")
             stored_freqs = freqs
             continue
-        tk.put(f"{g}mixer.proj.weight", _deinterleave(tk.take(f"{s}projections.weight")), f"{s}projections.weight")
+        tk.put(f"{g}mixer.proj.weight", tk.take(f"{s}projections.weight"), f"{s}projections.weight")
         w = tk.take(f"{s}filter.short_filter_weight")
-        tk.put(f"{g}mixer.short_conv.weight", _deinterleave(w), f"{s}filter.short_filter_weight")
+        tk.put(f"{g}mixer.short_conv.weight", w, f"{s}filter.short_filter_weight")
         config["short_filter_length"] = w.shape[-1]
         config["short_filter_bias"] = tk.has(f"{s}filter.short_filter_bias")
         if config["short_filter_bias"]:
-            tk.put(f"{g}mixer.short_conv.bias", _deinterleave(tk.take(f"{s}filter.short_filter_bias")), f"{s}filter.short_filter_bias")
+            tk.put(f"{g}mixer.short_conv.bias", tk.take(f"{s}filter.short_filter_bias"), f"{s}filter.short_filter_bias")
         config["hyena_out_bias"] = tk.has(f"{s}out_filter_dense.bias")
         for p in ("weight", "bias") if config["hyena_out_bias"] else ("weight",):
             tk.put(f"{g}mixer.out.{p}", tk.take(f"{s}out_filter_dense.{p}"), f"{s}out_filter_dense.{p}")

@@ -12,6 +12,9 @@ Two layouts of the same standalone model (``standalone_hyenadna.py``):
 
 What the importer does beyond renaming:
 
+* ``in_proj`` [3d, d] and ``short_filter`` [3d, 1, 3] are stored chunked -- rows [x0; x1; v], each
+  [d] (post-gate, pre-gate, value); glmtrain's layout is channel-interleaved (row 3c + j = component j
+  of channel c, ``layers.split_interleaved``): the rows are interleaved;
 * the implicit filter's ``Sequential`` (Linear, Sin, Linear, Sin, ..., Linear) becomes ``mlp.*`` +
   ``out``; the Sin frequency is one shared parameter (stored copies checked equal);
 * the per-layer positional buffers ``pos_emb.z`` / ``pos_emb.t`` are dropped after checking them
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 
 from glmtrain.convert import ConvertError, Imported, Layout, Released, Taker, register_layout
 
@@ -34,6 +38,14 @@ STANDALONE_SHIFT = 0.05  # ExponentialModulation's default in standalone_hyenadn
 FEATURE_TOL = 1e-5  # |stored - recomputed| positional features (fp32 rounding of the same formula: ~1e-7)
 OFFICIAL_TOKENIZER = {"kind": "char", "add_cls_sep": True, "lowercase": "unk", "iupac": "unk", "unknown": "unk"}
 PREFIXES = {"hyenadna": ("model.backbone.", "backbone."), "hyenadna-hf": ("hyena.backbone.",)}
+
+
+def _interleave(w: torch.Tensor) -> torch.Tensor:
+    """[3d, ...] rows chunked [x0; x1; v] -> channel-interleaved (row 3c + j = chunk j, row c)."""
+    return w.reshape(3, w.shape[0] // 3, *w.shape[1:]).transpose(0, 1).reshape(w.shape)
+
+
+FUSED = ("mixer.in_proj", "mixer.short_filter")  # the fused d -> 3d tensors, re-ordered
 
 
 def _prefix(src: Released, layout: str) -> str | None:
@@ -122,7 +134,8 @@ def _read(src: Released, layout: str) -> Imported:
                      ("mixer.out_proj", "mixer.out_proj"), ("mixer.short_filter", "mixer.short_conv"),
                      ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
             for p in ("weight", "bias"):
-                tk.put(f"{g}{b}.{p}", tk.take(f"{s}{a}.{p}"), f"{s}{a}.{p}")
+                t = tk.take(f"{s}{a}.{p}")
+                tk.put(f"{g}{b}.{p}", _interleave(t) if a in FUSED else t, f"{s}{a}.{p}")
         f, gf = f"{s}mixer.filter_fn.", f"{g}mixer.filter."
         tk.put(f"{gf}bias", tk.take(f"{f}bias"), f"{f}bias")
         for j, idx in enumerate(lin[:-1]):

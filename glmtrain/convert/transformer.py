@@ -2,9 +2,9 @@
 
 glmtrain's causal Transformer with LayerNorm, a GELU(tanh) MLP with biases and full-width RoPE
 (rotate-half) is GPT-NeoX with ``use_parallel_residual=false``, ``partial_rotary_factor=1``,
-``hidden_act=gelu_pytorch_tanh`` and ``attention_bias=true``.  The one layout difference is the
-fused qkv projection: GPT-NeoX orders its rows [head, (q, k, v), head_dim], glmtrain [(q, k, v),
-head, head_dim].  Other Transformer configurations (RMSNorm, SwiGLU, no biases, position
+``hidden_act=gelu_pytorch_tanh`` and ``attention_bias=true``.  The fused qkv projection has the same
+row order in both ([head, (q, k, v), head_dim], glmtrain's tensor-parallel-native layout), so every
+tensor is only renamed.  Other Transformer configurations (RMSNorm, SwiGLU, no biases, position
 interpolation, bidirectional encoders) export with glmtrain's own modeling file.
 
 The ``gpt-neox`` layout reads such a directory back (and any GPT-NeoX checkpoint of that form).
@@ -29,17 +29,6 @@ def fits_gpt_neox(cfg) -> bool:
             and not cfg.max_seq_len)
 
 
-def _heads_first(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """[(q,k,v), head, hd] rows -> [head, (q,k,v), hd]."""
-    hd = w.shape[0] // 3 // heads
-    return w.reshape(3, heads, hd, *w.shape[1:]).transpose(0, 1).reshape(w.shape)
-
-
-def _qkv_first(w: torch.Tensor, heads: int) -> torch.Tensor:
-    hd = w.shape[0] // 3 // heads
-    return w.reshape(heads, 3, hd, *w.shape[1:]).transpose(0, 1).reshape(w.shape)
-
-
 NAMES = [  # (glmtrain block name, GPT-NeoX layer name)
     ("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm"), ("attn.out", "attention.dense"),
     ("mlp.fc1", "mlp.dense_h_to_4h"), ("mlp.fc2", "mlp.dense_4h_to_h"),
@@ -59,7 +48,7 @@ def write_gpt_neox(model, out: Path, tok_cfg) -> dict:
             for p in ("weight", "bias"):
                 t[f"{n}{b}.{p}"] = sd[f"{g}{a}.{p}"]
         for p in ("weight", "bias"):
-            t[f"{n}attention.query_key_value.{p}"] = _heads_first(sd[f"{g}attn.qkv.{p}"], cfg.n_heads)
+            t[f"{n}attention.query_key_value.{p}"] = sd[f"{g}attn.qkv.{p}"]
     tied = model.lm_head.weight is model.embed.weight
     if not tied:
         t["embed_out.weight"] = sd["lm_head.weight"]
@@ -118,7 +107,7 @@ def _read_neox(src: Released) -> Imported:
             for p in ("weight", "bias"):
                 tk.put(f"{g}{a}.{p}", tk.take(f"{n}{b}.{p}"), f"{n}{b}.{p}")
         for p in ("weight", "bias"):
-            tk.put(f"{g}attn.qkv.{p}", _qkv_first(tk.take(f"{n}attention.query_key_value.{p}"), heads),
+            tk.put(f"{g}attn.qkv.{p}", tk.take(f"{n}attention.query_key_value.{p}"),
                    f"{n}attention.query_key_value.{p}")
         for k in (f"{n}attention.rotary_emb.inv_freq", f"{n}attention.bias", f"{n}attention.masked_bias"):
             if tk.has(k):
