@@ -320,7 +320,9 @@ def is_released(spec: str | Path) -> bool:
     if p.is_dir():
         if (p / "checkpoints").is_dir() or (p / "meta.pt").is_file() or (p / ".metadata").is_file():
             return False
-        if any(p.glob("step=*.ckpt")):
+        from glmtrain.checkpointing import CKPT_RE
+
+        if any(CKPT_RE.match(q.name) for q in p.iterdir()):  # a checkpoints directory (step-N.ckpt, step=N.ckpt)
             return False
         return any((p / n).exists() for n in (*WEIGHT_FILES, *CONFIG_FILES)) or any(p.glob("*.safetensors"))
     if not p.is_file():
@@ -332,8 +334,7 @@ def is_released(spec: str | Path) -> bool:
         from glmtrain.convert.files import safe_torch_load
 
         if CKPT_RE.match(p.name):
-            return False  # glmtrain's own step=N.ckpt
-
+            return False  # glmtrain's own step-N.ckpt
         try:
             obj, _ = safe_torch_load(p)
         except ConvertError:
