@@ -45,6 +45,14 @@ def _match(src: Released) -> bool:
     return "embedding_layer.weight" in src.tensors and any(k.startswith("blocks.0.") for k in src.tensors)
 
 
+def _move(tk: Taker, ours: str, weight: str, bias: str) -> bool:
+    """A released weight (and its bias, where stored) -> ``ours.weight`` / ``ours.bias``; True if it has a bias."""
+    tk.put(f"{ours}.weight", tk.take(weight), weight)
+    if tk.has(bias):
+        tk.put(f"{ours}.bias", tk.take(bias), bias)
+    return tk.has(bias)
+
+
 def _pattern(src: Released, n: int) -> str:
     cfg = src.config or {}
     if all(k in cfg for k in KIND_KEYS):
@@ -127,26 +135,16 @@ def _read(src: Released) -> Imported:
             if heads * hd != d:
                 raise ConvertError(f"{src.weights}: {a}rotary_emb.inv_freq implies head_dim {hd}, which with "
                                    f"{heads} heads does not give d_model {d}")
-            tk.put(f"{g}mixer.qkv.weight", tk.take(f"{a}Wqkv.weight"), f"{a}Wqkv.weight")
-            config["qkv_bias"] = tk.has(f"{a}Wqkv.bias")
-            if config["qkv_bias"]:
-                tk.put(f"{g}mixer.qkv.bias", tk.take(f"{a}Wqkv.bias"), f"{a}Wqkv.bias")
-            config["attn_out_bias"] = tk.has(f"{a}out_proj.bias")
-            for p in ("weight", "bias") if config["attn_out_bias"] else ("weight",):
-                tk.put(f"{g}mixer.out.{p}", tk.take(f"{a}out_proj.{p}"), f"{a}out_proj.{p}")
+            config["qkv_bias"] = _move(tk, f"{g}mixer.qkv", f"{a}Wqkv.weight", f"{a}Wqkv.bias")
+            config["attn_out_bias"] = _move(tk, f"{g}mixer.out", f"{a}out_proj.weight", f"{a}out_proj.bias")
             tk.put(f"{g}mixer.rope.freqs", freqs, f"{a}rotary_emb.inv_freq")
             stored_freqs = freqs
             continue
         tk.put(f"{g}mixer.proj.weight", tk.take(f"{s}projections.weight"), f"{s}projections.weight")
-        w = tk.take(f"{s}filter.short_filter_weight")
-        tk.put(f"{g}mixer.short_conv.weight", w, f"{s}filter.short_filter_weight")
-        config["short_filter_length"] = w.shape[-1]
-        config["short_filter_bias"] = tk.has(f"{s}filter.short_filter_bias")
-        if config["short_filter_bias"]:
-            tk.put(f"{g}mixer.short_conv.bias", tk.take(f"{s}filter.short_filter_bias"), f"{s}filter.short_filter_bias")
-        config["hyena_out_bias"] = tk.has(f"{s}out_filter_dense.bias")
-        for p in ("weight", "bias") if config["hyena_out_bias"] else ("weight",):
-            tk.put(f"{g}mixer.out.{p}", tk.take(f"{s}out_filter_dense.{p}"), f"{s}out_filter_dense.{p}")
+        config["short_filter_length"] = tk.get(f"{s}filter.short_filter_weight").shape[-1]
+        config["short_filter_bias"] = _move(tk, f"{g}mixer.short_conv", f"{s}filter.short_filter_weight",
+                                            f"{s}filter.short_filter_bias")
+        config["hyena_out_bias"] = _move(tk, f"{g}mixer.out", f"{s}out_filter_dense.weight", f"{s}out_filter_dense.bias")
         f, gf = f"{s}filter.", f"{g}mixer.filter."
         if kind in "SD":
             h = tk.take(f"{f}h")
