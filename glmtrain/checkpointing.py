@@ -149,7 +149,16 @@ def resolve_checkpoint(spec: str | Path) -> Path:
 
 
 def load_weights(spec: str | Path, module: torch.nn.Module, say=print) -> Path:
-    """Weights-only initialisation (``trainer.init_from``): strict names and shapes, same tokenizer."""
+    """Weights-only initialisation (``trainer.init_from``): strict names and shapes, same tokenizer.
+
+    A released checkpoint (HyenaDNA, Evo 2, a Hugging Face export, ...) is handed to :mod:`glmtrain.convert`."""
+    from glmtrain import convert
+
+    if convert.is_released(spec):
+        try:
+            return convert.init_from_released(spec, module, say)
+        except convert.ConvertError as e:
+            raise CheckpointError(f"trainer.init_from={spec}: {e}") from None
     path = resolve_checkpoint(spec)
     meta = read_meta(path)
     own_tok = getattr(getattr(getattr(module, "run", None), "model", None), "tokenizer", None)

@@ -166,7 +166,8 @@ class TrainerConfig:
     nonfinite: str = "skip"
     nonfinite_max_consecutive: int = 10  # skip: stop after this many skipped steps in a row (0 = never)
     # Weights-only start (a later stage of a chain): a checkpoint file or a run directory (its newest
-    # checkpoint). Optimizer, schedule and data position start fresh. Ignored when the run resumes.
+    # checkpoint), or a released checkpoint that glmtrain.convert imports (HyenaDNA, Evo 2, HF exports).
+    # Optimizer, schedule and data position start fresh. Ignored when the run resumes.
     init_from: str = ""
 
 
@@ -263,8 +264,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "logger.kind": ("csv", "wandb", "none"),
     "logger.mode": ("auto", "offline", "online"),
     "model.tokenizer.kind": ("char", "kmer", "byte"),
-    "model.tokenizer.lowercase": ("upper", "keep", "error"),
-    "model.tokenizer.iupac": ("N", "keep", "error"),
+    "model.tokenizer.lowercase": ("upper", "keep", "error", "unk"),
+    "model.tokenizer.iupac": ("N", "keep", "error", "unk"),
     "model.tokenizer.unknown": ("error", "unk"),
 }
 

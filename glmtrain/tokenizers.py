@@ -11,7 +11,9 @@ Built-in layouts follow the published models so checkpoints line up:
 
 * ``char``  -- HyenaDNA / Caduceus character ids ``[CLS]0 [SEP]1 [BOS]2 [MASK]3
   [PAD]4 [RESERVED]5 [UNK]6 A7 C8 G9 T10 N11``, padded to a multiple of 8 (16).
-  Optional extra tokens for lowercase (soft-masked) bases and IUPAC codes.
+  Optional extra tokens for lowercase (soft-masked) bases and IUPAC codes.  The released
+  HyenaDNA tokenizer's conventions are options: ``add_cls_sep`` ([CLS] first, [SEP] last)
+  and ``lowercase: unk`` / ``iupac: unk`` / ``unknown: unk`` (anything but A C G T N -> [UNK]).
 * ``kmer``  -- Nucleotide Transformer v2 non-overlapping k-mers: ``<unk>0 <pad>1
   <mask>2 <cls>3``, then 4**k k-mers over the alphabet ``ATCG``, then single
   ``A T C G N``, then ``<eos> <bos>`` (4,107 ids for k=6).  Runs containing a
@@ -48,10 +50,11 @@ class TokenizerConfig:
 
     kind: str = "char"  # char | kmer | byte
     k: int = 6  # kmer only
-    lowercase: str = "upper"  # upper: fold to uppercase | keep: own tokens | error
-    iupac: str = "N"  # N: ambiguous codes become N | keep: own tokens | error
+    lowercase: str = "upper"  # upper: fold to uppercase | keep: own tokens | error | unk (char: [UNK])
+    iupac: str = "N"  # N: ambiguous codes become N | keep: own tokens | error | unk (char: [UNK])
     unknown: str = "error"  # any other character: error | unk
     pad_to_multiple: int = 8  # vocabulary padded for efficient embeddings
+    add_cls_sep: bool = False  # char only: [CLS] before and [SEP] after every sequence (released HyenaDNA)
 
 
 class Tokenizer(ABC):
@@ -69,6 +72,8 @@ class Tokenizer(ABC):
     nucleotide_ids: np.ndarray  # ids usable as MLM random replacements (A, C, G, T)
     bases_per_id: np.ndarray  # float32 [vocab_size]; 0 for specials and padding ids
     acgt_ids: np.ndarray  # ids whose label counts in bits/base (unambiguous bases)
+    n_prefix: int = 0  # special tokens encode() puts before / after the bases of a sequence
+    n_suffix: int = 0
 
     @abstractmethod
     def encode(self, seq: str) -> np.ndarray: ...
@@ -93,7 +98,7 @@ class Tokenizer(ABC):
 
     def token_length(self, seq_len: int) -> int:
         """Number of tokens a sequence of ``seq_len`` unambiguous bases becomes."""
-        return seq_len
+        return seq_len + self.n_prefix + self.n_suffix
 
 
 def _padded(n: int, multiple: int) -> int:
@@ -110,16 +115,19 @@ class CharTokenizer(Tokenizer):
 
     SPECIALS = ("[CLS]", "[SEP]", "[BOS]", "[MASK]", "[PAD]", "[RESERVED]", "[UNK]")
 
-    def __init__(self, lowercase: str = "upper", iupac: str = "N", unknown: str = "error", pad_to_multiple: int = 8):
+    def __init__(self, lowercase: str = "upper", iupac: str = "N", unknown: str = "error", pad_to_multiple: int = 8,
+                 add_cls_sep: bool = False):
         for key, value, allowed in (
-            ("lowercase", lowercase, ("upper", "keep", "error")),
-            ("iupac", iupac, ("N", "keep", "error")),
+            ("lowercase", lowercase, ("upper", "keep", "error", "unk")),
+            ("iupac", iupac, ("N", "keep", "error", "unk")),
             ("unknown", unknown, ("error", "unk")),
         ):
             if value not in allowed:
                 raise ValueError(f"model.tokenizer.{key}={value!r}: allowed values are {', '.join(allowed)}")
         self.name = "char"
         self.lowercase, self.iupac, self.unknown = lowercase, iupac, unknown
+        self.add_cls_sep = add_cls_sep
+        self.n_prefix = self.n_suffix = int(add_cls_sep)
         tokens = list(self.SPECIALS) + list("ACGTN")
         if iupac == "keep":
             tokens += list(IUPAC_AMBIGUOUS)
@@ -145,14 +153,16 @@ class CharTokenizer(Tokenizer):
         for b in IUPAC_ALL:
             up, low = ord(b), ord(b.lower())
             if lut[up] == -2:  # ambiguous code without its own token
-                lut[up] = ids["N"] if iupac == "N" else -1
+                lut[up] = {"N": ids["N"], "unk": self.unk_id}.get(iupac, -1)
             if lut[low] == -2:
-                if lowercase == "upper":
+                if lowercase == "unk":
+                    lut[low] = self.unk_id
+                elif lowercase == "upper":
                     lut[low] = lut[up]
                 elif lowercase == "error":
                     lut[low] = -1
                 else:  # keep, but ambiguous lowercase code without own token
-                    lut[low] = ids["n"] if iupac == "N" else -1
+                    lut[low] = {"N": ids["n"], "unk": self.unk_id}.get(iupac, -1)
         if unknown == "unk":
             lut[lut == -2] = self.unk_id
         self._lut = lut
@@ -167,6 +177,8 @@ class CharTokenizer(Tokenizer):
                 f"(lowercase={self.lowercase}, iupac={self.iupac}, unknown={self.unknown}); "
                 "change model.tokenizer.* or clean the input"
             )
+        if self.add_cls_sep:
+            ids = np.concatenate(([self.cls_id], ids, [self.sep_id]))
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -298,6 +310,8 @@ class ByteTokenizer(Tokenizer):
 def build_tokenizer(cfg: TokenizerConfig | dict | None) -> Tokenizer:
     cfg = dict(cfg or {})
     kind = cfg.pop("kind", "char")
+    if kind != "char" and cfg.pop("add_cls_sep", False):
+        raise ValueError(f"model.tokenizer.add_cls_sep=true: only the char tokenizer adds [CLS]/[SEP] (kind={kind})")
     if kind == "char":
         cfg.pop("k", None)
         return CharTokenizer(**cfg)

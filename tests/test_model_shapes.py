@@ -37,6 +37,8 @@ EVO2 = {  # file: (d, layers, attention layers, heads, mlp, SE/MR groups, nomina
     "evo2_1b.yaml": (1920, 25, 4, 15, 5120, 128, 1e9),
     "evo2_7b.yaml": (4096, 32, 5, 32, 11264, 256, 7e9),
     "evo2_40b.yaml": (8192, 50, 8, 64, 22528, 512, 40e9),
+    "evo2_7b_8k.yaml": (4096, 32, 5, 32, 11008, 256, 7e9),  # the released 8k base shapes
+    "evo2_40b_8k.yaml": (8192, 50, 8, 64, 21888, 512, 40e9),
 }
 
 

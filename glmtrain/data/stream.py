@@ -244,6 +244,8 @@ class WindowEncoder:
             w = self._acgt_bytes[raw].astype(np.float32)  # N / ambiguous bases carry no loss
             if lower is not None:
                 w[lower] *= self.cfg.softmask_weight
+            if len(ids) != len(w):  # specials the tokenizer adds around the bases ([CLS]/[SEP]) carry no loss
+                w = np.pad(w, (self.tok.n_prefix, self.tok.n_suffix))
         else:
             w = self._acgt_ids[ids].astype(np.float32)
         out_ids = np.full(self.length, self.tok.pad_id, dtype=np.int64)

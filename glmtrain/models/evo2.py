@@ -12,7 +12,8 @@ the vortex/savanna configs ``evo2-{1b-8k,7b-1m,40b-1m}.yml`` and the small
   order ``state_size`` = 16, FFT convolution, D skip), ``*`` = multi-head
   attention with RoPE; e.g. Evo 2 1B is ``SDH*SDHSDH*SDHSDH*SDHSDH*``;
 * every block is ``x += mixer(RMSNorm(x)); x += MLP(RMSNorm(x))`` with a gated
-  MLP ``l3(act(l1 x) * l2 x)``;
+  MLP ``l3(act(l1 x) * l2 x)``; RMSNorm as vortex computes it, ``scale * x / (rms(x) + eps)``
+  (``rmsnorm: vortex``; ``rsqrt`` = the Llama formula);
 * Hyena blocks: projection d->3d (no bias), depthwise causal featurizer conv of
   length 3 (no bias), split (post, pre, v) -- rows stored channel-interleaved (3c+j = component j of
   channel c; tensor-parallel-native, see ``layers.split_interleaved``), ``y = post * (h * (pre * v) [+ D * (pre * v)])``,
@@ -27,11 +28,23 @@ G filters shared by contiguous runs of d/G channels (channel c uses filter
 run depthwise on the expanded [d, K] filter -- the conservative, obviously
 correct implementation.
 
-Not reproduced: the ``interleave`` / ``column_split`` channel permutations of the
-vortex projection layout (they only matter for loading released weights) and
-FP8 projections.  Hyena-LI poles are real and parametrised as
-``p = exp(-exp(log_rate))`` so that every mode decays (the released weights store
-``log p`` directly; a converter maps ``log_rate = log(-log_poles)``).
+Hyena-MR decay (training from scratch): ``mr_decay_preset`` follows savanna's
+``explicit_filter_decay_preset`` -- per filter group g a window ``exp(-r_g * t)`` with
+``t = linspace(0, 1, K)`` and ``r_g = logspace(lo, 2, G)``, lo = -2 (``weak``, the Evo 2
+7B/40B training configs), -1 (``normal``) or 0 (``strong``); ``linear`` is the older
+HyenaDNA-style linear spread of rates (``mr_decay_fast/slow/target``).  Released
+checkpoints store the MR filters with the decay already applied: imported weights
+run with the window off (or set to one), never applied twice.
+
+RoPE (``rope_freqs: stored``) keeps its frequencies as a buffer, initialised as vortex
+computes them, so that a released checkpoint's stored values are used as they are.
+
+The fused layouts are vortex's own: the Hyena projection and featurizer rows are
+channel-interleaved (vortex ``interleave``) and the attention qkv rows head-major (``column_split``),
+so released weights load without any permutation.  Not reproduced: FP8 projections.  Hyena-LI poles are real and parametrised as
+``p = exp(-exp(log_rate))`` so that every mode decays (``li_poles: log_rate``); the released
+weights store ``log p`` directly, which ``li_poles: log_pole`` keeps as it is (the importer maps
+either way; ``log_rate = log(-log p)`` rounds to the parameter's dtype).
 """
 
 from __future__ import annotations
@@ -71,6 +84,7 @@ class Evo2Config(ModelConfig):
     mlp_activation: str = "gelu"  # gelu | silu
     mlp_act_first_layer_only: bool = True  # Evo 2 quirk: identity activation after layer 0
     norm_eps: float = 1e-6
+    rmsnorm: str = "vortex"  # vortex: scale * x / (rms + eps) (released Evo 2) | rsqrt: x * rsqrt(mean(x^2) + eps)
     # --- Hyena operators
     short_filter_length: int = 3  # featurizer conv on the 3d projection
     short_filter_bias: bool = False
@@ -79,19 +93,22 @@ class Evo2Config(ModelConfig):
     mr_filter_length: int = 128
     mr_filter_groups: int = 16
     mr_decay: bool = True  # fixed exponential-decay window on the MR filter
-    mr_decay_fast: float = 0.3  # fraction of the filter length where the fastest channel reaches target
+    mr_decay_preset: str = "weak"  # weak | normal | strong (savanna: rates logspace(-2|-1|0, 2) over groups) | linear
+    mr_decay_fast: float = 0.3  # linear preset: fraction of the filter length where the fastest group reaches target
     mr_decay_slow: float = 1.5
     mr_decay_target: float = 1e-2
     li_filter_groups: int = 0  # 0 = d_model (one modal filter per channel)
     state_size: int = 16  # order of the modal (Hyena-LI) filter
     li_rate_min: float = 1e-4  # initial decay rates of the modes (per token), log-spaced
     li_rate_max: float = 1.0
+    li_poles: str = "log_rate"  # log_rate: p = exp(-exp(theta)) (savanna training) | log_pole: theta = log p (vortex files)
     hyena_out_bias: bool = True
     # --- attention
     qkv_bias: bool = False
     attn_out_bias: bool = True
     rope_base: float = 10000.0
     rope_interpolation: float = 1.0  # linear position interpolation factor (positions / factor)
+    rope_freqs: str = "stored"  # stored: a buffer (vortex's fp32 values; released checkpoints carry theirs) | computed
     attention: str = "sdpa"  # sdpa | flash_attn (optional package)
     # --- misc
     tie_embeddings: bool = True
@@ -112,6 +129,9 @@ class Evo2Config(ModelConfig):
             raise ValueError(f"model.n_layers={self.n_layers} but model.pattern has {len(self.pattern)} layers")
         return [BLOCK_KINDS[c] for c in self.pattern]
 
+    def resolved_li_filter_groups(self) -> int:
+        return self.li_filter_groups or self.d_model
+
     def resolved_mlp_dim(self) -> int:
         if self.mlp_dim:
             return self.mlp_dim
@@ -122,20 +142,51 @@ class Evo2Config(ModelConfig):
 # ----------------------------------------------------------------------------- filters
 
 
-class ExplicitFilter(nn.Module):
-    """Grouped explicit FIR filter [G, K] (Hyena-SE / Hyena-MR)."""
+MR_DECAY_PRESETS = {"strong": (0.0, 2.0), "normal": (-1.0, 2.0), "weak": (-2.0, 2.0)}  # savanna: log10 rate range
 
-    def __init__(self, d: int, length: int, groups: int, decay: tuple[float, float, float] | None, skip: bool):
+
+def mr_decay_window(cfg: "Evo2Config") -> torch.Tensor | None:
+    """The fixed MR decay window [G, K] of a config (None when ``mr_decay`` is off)."""
+    if not cfg.mr_decay:
+        return None
+    groups, length = cfg.mr_filter_groups, cfg.mr_filter_length
+    if cfg.mr_decay_preset == "linear":
+        return linear_decay_window(groups, length, cfg.mr_decay_fast, cfg.mr_decay_slow, cfg.mr_decay_target)
+    if cfg.mr_decay_preset not in MR_DECAY_PRESETS:
+        raise ValueError(f"model.mr_decay_preset={cfg.mr_decay_preset!r}: allowed values are "
+                         f"{', '.join([*MR_DECAY_PRESETS, 'linear'])}")
+    lo, hi = MR_DECAY_PRESETS[cfg.mr_decay_preset]
+    # as savanna's ExplicitSingleDecayFilter builds it (fp32): rates log-spaced over the groups, t in [0, 1]
+    rates = torch.logspace(lo, hi, groups)[:, None]
+    return torch.exp(-rates * torch.linspace(0, 1, length, device=rates.device)[None])
+
+
+def linear_decay_window(groups: int, length: int, fast: float, slow: float, target: float) -> torch.Tensor:
+    """Rates spread linearly so that the slowest group reaches ``target`` at ``slow`` and the fastest at
+    ``fast`` (fractions of the filter length)."""
+    t = torch.arange(length, dtype=torch.float64) / length
+    rates = torch.linspace(math.log(1 / target) / slow, math.log(1 / target) / fast, groups, dtype=torch.float64,
+                           device=t.device)
+    return torch.exp(-rates[:, None] * t[None, :]).float()
+
+
+class ExplicitFilter(nn.Module):
+    """Grouped explicit FIR filter [G, K] (Hyena-SE / Hyena-MR).
+
+    ``decay``: None, a window [G, K], or (fast, slow, target) for :func:`linear_decay_window`.
+    """
+
+    def __init__(self, d: int, length: int, groups: int, decay: tuple[float, float, float] | torch.Tensor | None,
+                 skip: bool):
         super().__init__()
         if d % groups:
             raise ValueError(f"d_model={d} is not divisible by filter groups={groups}")
         self.d, self.groups, self.length = d, groups, length
         self.h = nn.Parameter(torch.empty(groups, length))
+        if isinstance(decay, tuple):
+            decay = linear_decay_window(groups, length, *decay)
         if decay is not None:
-            fast, slow, target = decay
-            t = torch.arange(length, dtype=torch.float64) / length
-            rates = torch.linspace(math.log(1 / target) / slow, math.log(1 / target) / fast, groups, dtype=torch.float64)
-            self.register_buffer("window", torch.exp(-rates[:, None] * t[None, :]).float())
+            self.register_buffer("window", decay.float())
         else:
             self.window = None
         self.D = nn.Parameter(torch.zeros(d)) if skip else None
@@ -158,15 +209,25 @@ class ExplicitFilter(nn.Module):
 
 
 class ModalFilter(nn.Module):
-    """Hyena-LI filter h[g, t] = sum_n R[g, n] * p[g, n]**t with real poles p = exp(-exp(log_rate))."""
+    """Hyena-LI filter h[g, t] = sum_n R[g, n] * p[g, n]**t with real poles.
 
-    def __init__(self, d: int, groups: int, state_size: int, rate_min: float, rate_max: float):
+    ``param``: ``log_rate`` -- p = exp(-exp(log_rate)), every mode decays whatever the update (savanna
+    trains the poles this way); ``log_pole`` -- the parameter ``log_poles`` is log p itself, as vortex
+    stores released checkpoints (imports keep those values exactly).
+    """
+
+    def __init__(self, d: int, groups: int, state_size: int, rate_min: float, rate_max: float, param: str = "log_rate"):
         super().__init__()
         if d % groups:
             raise ValueError(f"d_model={d} is not divisible by li_filter_groups={groups}")
-        self.d, self.groups, self.state_size = d, groups, state_size
+        if param not in ("log_rate", "log_pole"):
+            raise ValueError(f"model.li_poles={param!r}: allowed values are log_rate, log_pole")
+        self.d, self.groups, self.state_size, self.param = d, groups, state_size, param
         self.rate_range = (rate_min, rate_max)
-        self.log_rate = nn.Parameter(torch.empty(groups, state_size))
+        if param == "log_rate":
+            self.log_rate = nn.Parameter(torch.empty(groups, state_size))
+        else:
+            self.log_poles = nn.Parameter(torch.empty(groups, state_size))
         self.residues = nn.Parameter(torch.empty(groups, state_size))
         self.D = nn.Parameter(torch.zeros(d))
         self.reset_parameters()
@@ -174,37 +235,46 @@ class ModalFilter(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         lo, hi = (math.log(r) for r in self.rate_range)
-        g, n = self.log_rate.shape
+        g, n = self.residues.shape
         # each group gets modes spread log-uniformly over [rate_min, rate_max], with jitter
-        base = torch.linspace(lo, hi, n, dtype=torch.float64)
         jitter = (torch.rand(g, n, dtype=torch.float64) - 0.5) * (hi - lo) / max(1, n)
+        base = torch.linspace(lo, hi, n, dtype=torch.float64, device=jitter.device)
         log_rate = (base[None, :] + jitter).float()
         rate = log_rate.exp()
         # residues scaled so that every mode has O(1/sqrt(N)) L1 gain: |R| / (1 - p) ~ 1 / sqrt(N)
         residues = torch.randn(g, n) * (1 - torch.exp(-rate)) / math.sqrt(n)
-        self.log_rate.copy_(log_rate.to(self.log_rate.device))
+        theta = log_rate if self.param == "log_rate" else -rate  # log p = -rate
+        self.theta.copy_(theta.to(self.theta.device))
         self.residues.copy_(residues.to(self.residues.device))
         nn.init.zeros_(self.D)
 
+    @property
+    def theta(self) -> nn.Parameter:
+        """The pole parameter (``log_rate`` or ``log_poles``)."""
+        return self.log_rate if self.param == "log_rate" else self.log_poles
+
     def poles(self) -> torch.Tensor:
+        if self.param == "log_pole":
+            return torch.exp(self.log_poles)
         return torch.exp(-torch.exp(self.log_rate))
 
-    def _materialize(self, log_rate: torch.Tensor, residues: torch.Tensor, seq_len: int) -> torch.Tensor:
-        t = torch.arange(seq_len, device=log_rate.device, dtype=log_rate.dtype)
-        rate = torch.exp(log_rate)  # [G, N]
-        h = torch.zeros(log_rate.shape[0], seq_len, device=log_rate.device, dtype=log_rate.dtype)
+    def _materialize(self, theta: torch.Tensor, residues: torch.Tensor, seq_len: int) -> torch.Tensor:
+        t = torch.arange(seq_len, device=theta.device, dtype=theta.dtype)
+        log_p = -torch.exp(theta) if self.param == "log_rate" else theta  # [G, N]
+        h = torch.zeros(theta.shape[0], seq_len, device=theta.device, dtype=theta.dtype)
         for n in range(self.state_size):  # accumulate mode by mode: never a [G, N, L] tensor
-            h = h + residues[:, n, None] * torch.exp(-rate[:, n, None] * t)
+            h = h + residues[:, n, None] * torch.exp(log_p[:, n, None] * t)
         return h
 
     def materialize(self, seq_len: int, dtype=torch.float32) -> torch.Tensor:
-        """Explicit per-group filter [G, L]: sum_n R_n exp(-rate_n * t), in ``dtype``.
+        """Explicit per-group filter [G, L]: sum_n R_n p_n^t, in ``dtype``.
 
         Under autograd the computation is checkpointed, so only the [G, L] result is kept.
         """
-        args = (self.log_rate.to(dtype), self.residues.to(dtype), seq_len)
-        with torch.autocast(device_type=self.log_rate.device.type, enabled=False):
-            if torch.is_grad_enabled() and self.log_rate.requires_grad:
+        theta = self.theta
+        args = (theta.to(dtype), self.residues.to(dtype), seq_len)
+        with torch.autocast(device_type=theta.device.type, enabled=False):
+            if torch.is_grad_enabled() and theta.requires_grad:
                 return checkpoint(self._materialize, *args, use_reentrant=False)
             return self._materialize(*args)
 
@@ -240,10 +310,10 @@ class HyenaMixer(nn.Module):
         if kind == "hyena_se":
             self.filter = ExplicitFilter(d, cfg.se_filter_length, cfg.se_filter_groups, None, skip=False)
         elif kind == "hyena_mr":
-            decay = (cfg.mr_decay_fast, cfg.mr_decay_slow, cfg.mr_decay_target) if cfg.mr_decay else None
-            self.filter = ExplicitFilter(d, cfg.mr_filter_length, cfg.mr_filter_groups, decay, skip=True)
+            self.filter = ExplicitFilter(d, cfg.mr_filter_length, cfg.mr_filter_groups, mr_decay_window(cfg), skip=True)
         elif kind == "hyena_li":
-            self.filter = ModalFilter(d, cfg.li_filter_groups or d, cfg.state_size, cfg.li_rate_min, cfg.li_rate_max)
+            self.filter = ModalFilter(d, cfg.li_filter_groups or d, cfg.state_size, cfg.li_rate_min, cfg.li_rate_max,
+                                      cfg.li_poles)
         else:
             raise ValueError(kind)
         self.out = nn.Linear(d, d, bias=cfg.hyena_out_bias)
@@ -266,16 +336,16 @@ class Evo2Block(nn.Module):
     def __init__(self, cfg: Evo2Config, kind: str, layer_idx: int):
         super().__init__()
         self.kind = kind
-        self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.rmsnorm)
         if kind == "attention":
             # Evo 2 quirk: bias on the attention output projection only (released checkpoints)
             self.mixer = RopeAttention(cfg.d_model, cfg.n_heads, causal=True, qkv_bias=cfg.qkv_bias,
                                        out_bias=cfg.attn_out_bias, rope_base=cfg.rope_base,
-                                       rope_interpolation=cfg.rope_interpolation,
+                                       rope_interpolation=cfg.rope_interpolation, rope_stored=cfg.rope_freqs == "stored",
                                        flash=flash_attn_func() if cfg.attention == "flash_attn" else None)
         else:
             self.mixer = HyenaMixer(cfg, kind)
-        self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.rmsnorm)
         act = cfg.mlp_activation if (layer_idx == 0 or not cfg.mlp_act_first_layer_only) else "identity"
         self.mlp = SwiGLU(cfg.d_model, cfg.resolved_mlp_dim(), bias=False, activation=act)
 
@@ -291,10 +361,15 @@ class Evo2(GenomicModel):
         super().__init__(cfg, vocab_size)
         if cfg.mlp_activation not in ("gelu", "silu"):
             raise ValueError(f"model.mlp_activation={cfg.mlp_activation!r}: allowed values are gelu, silu")
+        for key, allowed in (("rmsnorm", ("vortex", "rsqrt")), ("rope_freqs", ("stored", "computed")),
+                             ("li_poles", ("log_rate", "log_pole")),
+                             ("mr_decay_preset", (*MR_DECAY_PRESETS, "linear"))):
+            if getattr(cfg, key) not in allowed:
+                raise ValueError(f"model.{key}={getattr(cfg, key)!r}: allowed values are {', '.join(allowed)}")
         kinds = cfg.layer_kinds()
         self.embed = nn.Embedding(vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Evo2Block(cfg, kind, i) for i, kind in enumerate(kinds))
-        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.rmsnorm)
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -326,4 +401,4 @@ class Evo2(GenomicModel):
         return self.lm_head(self.hidden_states(input_ids))
 
 
-__all__ = ["Evo2Config", "Evo2", "ExplicitFilter", "ModalFilter", "HyenaMixer", "fft_causal_conv"]
+__all__ = ["Evo2Config", "Evo2", "ExplicitFilter", "ModalFilter", "HyenaMixer", "fft_causal_conv", "mr_decay_window"]

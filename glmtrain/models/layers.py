@@ -10,19 +10,32 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
+    """RMS normalisation with a learned scale, computed in (at least) fp32.
+
+    ``formula``: ``rsqrt`` = x * rsqrt(mean(x^2) + eps) (Llama, T5); ``vortex`` = x / (rms(x) + eps), the
+    eps outside the root, as Evo 2's vortex/savanna code computes it (the two differ by ~1e-3 relative
+    at the small activation scales of those models).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, formula: str = "rsqrt"):
         super().__init__()
+        if formula not in ("rsqrt", "vortex"):
+            raise ValueError(f"rmsnorm formula {formula!r}: allowed values are rsqrt, vortex")
         self.eps = eps
+        self.formula = formula
         self.weight = nn.Parameter(torch.ones(dim))
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # compute in fp32 for bf16 stability, return the input dtype
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        # compute in fp32 for bf16 stability (fp64 stays fp64), return the input dtype
+        xf = x if x.dtype == torch.float64 else x.float()
+        if self.formula == "vortex":
+            y = xf / (xf.norm(2, dim=-1, keepdim=True) * xf.shape[-1] ** -0.5 + self.eps)
+        else:
+            y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.to(y.dtype)).to(x.dtype)
 
 
 def make_norm(kind: str, dim: int, eps: float = 1e-5) -> nn.Module:
@@ -40,28 +53,44 @@ class RotaryEmbedding(nn.Module):
     may raise the base (NTK-style) and/or divide positions by a factor (linear
     position interpolation, Chen et al. 2023); the released Evo 2 weights use
     one and the savanna configs the other.
+
+    ``stored=True`` keeps the frequencies as a persistent fp32 buffer ``freqs``, initialised the
+    way vortex computes it, so that a released checkpoint's stored values are used bit for bit; the
+    angles are then computed in the buffer's dtype (fp32, or fp64 after ``.double()``), as vortex does.
+    ``stored=False`` computes them from ``base`` in fp64.
     """
 
-    def __init__(self, head_dim: int, base: float = 10000.0, interpolation_factor: float = 1.0):
+    def __init__(self, head_dim: int, base: float = 10000.0, interpolation_factor: float = 1.0, stored: bool = False):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"rotary head_dim must be even, got {head_dim}")
         self.head_dim = head_dim
         self.base = float(base)
         self.interpolation_factor = float(interpolation_factor)
-        self._cache: tuple[int, torch.device, torch.dtype, torch.Tensor, torch.Tensor] | None = None
+        self.stored = stored
+        if stored:
+            self.register_buffer("freqs", 1.0 / (self.base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)))
+        self._cache: tuple | None = None
 
     def inv_freq(self, device=None) -> torch.Tensor:
+        """The frequencies: the stored buffer, or computed from ``base`` in fp64."""
+        if self.stored:  # angles in the buffer's dtype, at least fp32
+            return self.freqs.to(device=device, dtype=torch.float64 if self.freqs.dtype == torch.float64 else torch.float32)
         return 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=device) / self.head_dim))
 
     def cos_sin(self, seq_len: int, device, dtype, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (seq_len + offset, device, dtype)
-        if self._cache is None or self._cache[:3] != key:
-            pos = torch.arange(seq_len + offset, dtype=torch.float64, device=device) / self.interpolation_factor
-            freqs = torch.outer(pos, self.inv_freq(device))
+        n = seq_len + offset
+        if self.stored:  # the buffer may be reloaded or cast: part of the cache key
+            key = (n, str(device), dtype, self.freqs.dtype, self.freqs.data_ptr(), self.freqs._version)
+        else:
+            key = (n, str(device), dtype)
+        if self._cache is None or self._cache[0] != key:
+            inv = self.inv_freq(device)
+            pos = torch.arange(n, dtype=inv.dtype, device=device) / self.interpolation_factor
+            freqs = torch.outer(pos, inv)
             emb = torch.cat((freqs, freqs), dim=-1)
-            self._cache = (*key, emb.cos().to(dtype), emb.sin().to(dtype))
-        return self._cache[3][offset:], self._cache[4][offset:]
+            self._cache = (key, emb.cos().to(dtype), emb.sin().to(dtype))
+        return self._cache[1][offset:], self._cache[2][offset:]
 
     @staticmethod
     def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -71,9 +100,10 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """q, k: [batch, heads, seq, head_dim]. ``offset`` = position of the first token (KV cache)."""
-        cos, sin = self.cos_sin(q.shape[-2], q.device, torch.float32, offset)
-        qf = self.rotate(q.float(), cos, sin).to(q.dtype)
-        kf = self.rotate(k.float(), cos, sin).to(k.dtype)
+        dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        cos, sin = self.cos_sin(q.shape[-2], q.device, dt, offset)
+        qf = self.rotate(q.to(dt), cos, sin).to(q.dtype)
+        kf = self.rotate(k.to(dt), cos, sin).to(k.dtype)
         return qf, kf
 
 
@@ -168,7 +198,8 @@ class RopeAttention(nn.Module):
     """
 
     def __init__(self, d_model: int, n_heads: int, *, causal: bool, qkv_bias: bool, out_bias: bool,
-                 rope_base: float, rope_interpolation: float, dropout: float = 0.0, flash=None):
+                 rope_base: float, rope_interpolation: float, dropout: float = 0.0, flash=None,
+                 rope_stored: bool = False):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"model.d_model={d_model} must be divisible by model.n_heads={n_heads}")
@@ -178,7 +209,7 @@ class RopeAttention(nn.Module):
         self.dropout = dropout
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=qkv_bias)
         self.out = nn.Linear(d_model, d_model, bias=out_bias)
-        self.rope = RotaryEmbedding(self.head_dim, rope_base, rope_interpolation)
+        self.rope = RotaryEmbedding(self.head_dim, rope_base, rope_interpolation, stored=rope_stored)
         self.flash = flash
 
     def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

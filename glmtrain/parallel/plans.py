@@ -167,7 +167,7 @@ PLANS: dict[str, FamilyPlan] = {
             "mixer.qkv": Colwise(), "mixer.proj": Colwise(), "mixer.out": Rowwise(),
             "mixer": Local(
                 params=("short_conv.weight", "short_conv.bias", "filter.h", "filter.D", "filter.log_rate",
-                        "filter.residues"),
+                        "filter.log_poles", "filter.residues"),
                 buffers=("filter.window",),
                 attrs={"filter.d": lambda v, tp: v // tp, "cfg": _cfg_copy},
             ),

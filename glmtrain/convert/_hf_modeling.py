@@ -1,0 +1,375 @@
+# Modeling code for a model exported by glmtrain (`python -m glmtrain.convert export`).
+# Self-contained: depends only on torch and transformers.  Load with
+#   AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)   (causal families)
+#   AutoModelForMaskedLM.from_pretrained(path, trust_remote_code=True)   (bidirectional encoders)
+# The weights keep glmtrain's parameter names under the prefix "model.", so an export reads back
+# into glmtrain unchanged.  The networks below are plain, unfused re-statements of glmtrain's
+# families (the Transformer baseline, HyenaDNA, Evo 2 / StripedHyena 2) in float32 (or float64).
+"""glmtrain export: configuration and models for transformers' Auto classes (trust_remote_code)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutput, MaskedLMOutput
+
+
+class GlmtrainConfig(PretrainedConfig):
+    model_type = "glmtrain"
+
+    def __init__(self, family: str = "transformer", glmtrain: dict | None = None, vocab_size: int = 16, **kwargs):
+        self.family = family
+        self.glmtrain = dict(glmtrain or {})
+        self.vocab_size = vocab_size
+        kwargs.setdefault("tie_word_embeddings", bool(self.glmtrain.get("tie_embeddings", True)))
+        super().__init__(**kwargs)
+
+
+# ----------------------------------------------------------------------------- shared pieces
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _causal_fft_conv(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """y[..., t] = sum_{s<=t} k[..., s] u[..., t-s]: zero-padded FFT of size 2L."""
+    n = 2 * u.shape[-1]
+    return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., : u.shape[-1]]
+
+
+def _depthwise_causal(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Depthwise causal FIR in nn.Conv1d layout (weight[..., -1] multiplies the current token)."""
+    return F.conv1d(F.pad(u, (weight.shape[-1] - 1, 0)), weight.to(u.dtype), None if bias is None else bias.to(u.dtype),
+                    groups=u.shape[1])
+
+
+def _short_conv_chunks(z: torch.Tensor, conv: nn.Conv1d, dt: torch.dtype):
+    """Fused d -> 3d projection [B, L, 3d] and its depthwise conv, stored channel-interleaved (row 3c + j =
+    component j of channel c) -> the convolved (post, pre, v), each [B, d, L]."""
+    b, n, c3 = z.shape
+    z = z.view(b, n, c3 // 3, 3).permute(0, 3, 2, 1).reshape(b, c3, n)
+    k = conv.weight.shape[-1]
+    w = conv.weight.view(c3 // 3, 3, 1, k).transpose(0, 1).reshape(c3, 1, k)
+    bias = None if conv.bias is None else conv.bias.view(c3 // 3, 3).t().reshape(c3)
+    return _depthwise_causal(z, w, bias).to(dt).chunk(3, dim=1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, formula: str):
+        super().__init__()
+        self.eps, self.formula = eps, formula
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.to(_compute_dtype(x))
+        if self.formula == "vortex":  # scale * x / (rms + eps)
+            y = xf / (torch.sqrt(xf.pow(2).mean(-1, keepdim=True)) + self.eps)
+        else:
+            y = xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.to(y.dtype)).to(x.dtype)
+
+
+class Rope(nn.Module):
+    """Rotary embedding, rotate-half layout; ``stored`` keeps the frequencies as the buffer ``freqs``."""
+
+    def __init__(self, head_dim: int, base: float, interpolation: float, stored: bool):
+        super().__init__()
+        self.head_dim, self.base, self.interpolation, self.stored = head_dim, float(base), float(interpolation), stored
+        if stored:
+            self.register_buffer("freqs", torch.zeros(head_dim // 2))
+
+    def forward(self, q, k):
+        n, dev = q.shape[-2], q.device
+        if self.stored:
+            inv = self.freqs.to(device=dev, dtype=_compute_dtype(self.freqs))
+        else:
+            inv = 1.0 / self.base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=dev) / self.head_dim)
+        ang = torch.outer(torch.arange(n, dtype=inv.dtype, device=dev) / self.interpolation, inv)
+        ang = torch.cat((ang, ang), dim=-1)
+        dt = _compute_dtype(q)
+        cos, sin = ang.cos().to(dt), ang.sin().to(dt)
+
+        def rot(x):
+            x = x.to(dt)
+            x1, x2 = x.chunk(2, dim=-1)
+            return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+        return rot(q).to(q.dtype), rot(k).to(k.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, d, heads, causal, qkv_bias, out_bias, rope_base, rope_interpolation, rope_stored):
+        super().__init__()
+        self.heads, self.hd, self.causal = heads, d // heads, causal
+        self.qkv = nn.Linear(d, 3 * d, bias=qkv_bias)
+        self.out = nn.Linear(d, d, bias=out_bias)
+        self.rope = Rope(d // heads, rope_base, rope_interpolation, rope_stored)
+
+    def forward(self, x, key_padding=None):
+        b, n, d = x.shape
+        # fused rows head-major: [head, (q, k, v), head_dim]
+        q, k, v = self.qkv(x).view(b, n, self.heads, 3, self.hd).permute(3, 0, 2, 1, 4)
+        q, k = self.rope(q, k)
+        mask = None
+        if key_padding is not None and not self.causal:
+            mask = key_padding[:, None, None, :].bool()
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal)
+        return self.out(y.transpose(1, 2).reshape(b, n, d))
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, d, hidden, bias, act):
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(d, hidden, bias=bias), nn.Linear(d, hidden, bias=bias), nn.Linear(hidden, d, bias=bias)
+        self.act = act
+
+    def forward(self, x):
+        g = self.gate(x)
+        g = {"silu": F.silu, "gelu": F.gelu, "identity": lambda t: t}[self.act](g)
+        return self.down(g * self.up(x))
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, d, hidden, bias):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, hidden, bias=bias), nn.Linear(hidden, d, bias=bias)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+def _norm(kind, d, eps):
+    return nn.LayerNorm(d, eps=eps) if kind == "layernorm" else RMSNorm(d, eps, "rsqrt")
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x += mixer(norm1(x)); x += mlp(norm2(x)).  ``mixer_name`` keeps glmtrain's
+    parameter names (``attn`` in the Transformer, ``mixer`` elsewhere)."""
+
+    def __init__(self, norm1, mixer, norm2, mlp, mixer_name="mixer"):
+        super().__init__()
+        self.norm1, self.norm2, self.mlp, self.mixer_name = norm1, norm2, mlp, mixer_name
+        setattr(self, mixer_name, mixer)
+
+    def forward(self, x, key_padding=None):
+        mixer = getattr(self, self.mixer_name)
+        h = self.norm1(x)
+        x = x + (mixer(h, key_padding) if isinstance(mixer, Attention) else mixer(h))
+        return x + self.mlp(self.norm2(x))
+
+
+class LMNet(nn.Module):
+    """Embedding -> blocks -> final norm -> LM head (tied to the embedding when the config says so)."""
+
+    def __init__(self, vocab, d, blocks, norm_f):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(blocks)
+        self.norm_f = norm_f
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids, key_padding=None):
+        x = self.embed(ids)
+        for b in self.blocks:
+            x = b(x, key_padding)
+        return self.lm_head(self.norm_f(x))
+
+
+# ----------------------------------------------------------------------------- Transformer baseline
+def transformer_net(c, vocab):
+    d = c["d_model"]
+    hidden = c["ffn_dim"] or (64 * math.ceil(8 * d / 3 / 64) if c["mlp"] == "swiglu" else 4 * d)
+
+    def block():
+        attn = Attention(d, c["n_heads"], c["causal"], c["bias"], c["bias"], c["rope_base"], c["rope_interpolation"], False)
+        mlp = GatedMLP(d, hidden, c["bias"], "silu") if c["mlp"] == "swiglu" else GeluMLP(d, hidden, c["bias"])
+        return Block(_norm(c["norm"], d, c["norm_eps"]), attn, _norm(c["norm"], d, c["norm_eps"]), mlp, "attn")
+
+    return LMNet(vocab, d, [block() for _ in range(c["n_layers"])], _norm(c["norm"], d, c["norm_eps"]))
+
+
+# ----------------------------------------------------------------------------- HyenaDNA
+class Sin(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.freq = nn.Parameter(torch.ones(1, dim))
+
+    def forward(self, x):
+        return torch.sin(self.freq * x)
+
+
+class HyenaFilter(nn.Module):
+    """h[c, t] = MLP(z(t))[c] * (exp(-t |delta_c|) + shift), z = [t, cos(f w t), -sin(f w t)] for l_max."""
+
+    def __init__(self, c):
+        super().__init__()
+        order, d, emb = c["filter_order"], c["d_model"], c["emb_dim"]
+        self.l_max, self.shift, self.modulate = c["max_seq_len"], c["modulation_shift"], c["modulate"]
+        self.register_buffer("band_freqs", torch.zeros((emb - 1) // 2))
+        self.act = Sin(order)
+        self.mlp = nn.ModuleList([nn.Linear(emb, order)] + [nn.Linear(order, order) for _ in range(c["num_inner_mlps"])])
+        self.out = nn.Linear(order, d, bias=False)
+        self.bias = nn.Parameter(torch.zeros(d))
+        if self.modulate:
+            self.register_buffer("deltas", torch.zeros(d))
+
+    def forward(self, n, dtype):
+        pos = torch.arange(n, dtype=torch.float64, device=self.bias.device)
+        t = pos / (self.l_max - 1)
+        ang = (2 * math.pi * pos / self.l_max)[:, None] * self.band_freqs.double()[None, :]
+        h = torch.cat([t[:, None], ang.cos(), -ang.sin()], dim=-1).to(dtype)
+        t = t[:, None].to(dtype)
+        freq = self.act.freq.to(dtype)
+        for lin in self.mlp:
+            h = torch.sin(freq * F.linear(h, lin.weight.to(dtype), lin.bias.to(dtype)))
+        h = F.linear(h, self.out.weight.to(dtype))
+        if self.modulate:
+            h = h * (torch.exp(-t * self.deltas.to(dtype).abs()[None, :]) + self.shift)
+        return h.t()
+
+
+class HyenaOperator(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        d = c["d_model"]
+        self.in_proj = nn.Linear(d, 3 * d)
+        self.short_conv = nn.Conv1d(3 * d, 3 * d, c["short_filter_order"], groups=3 * d)
+        self.filter = HyenaFilter(c)
+        self.out_proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        dt = _compute_dtype(x)
+        post, pre, v = _short_conv_chunks(self.in_proj(x), self.short_conv, dt)
+        u = pre * v
+        y = post * (_causal_fft_conv(u, self.filter(x.shape[1], dt)) + u * self.filter.bias.to(dt)[:, None])
+        return self.out_proj(y.transpose(1, 2).to(x.dtype))
+
+
+def hyena_net(c, vocab):
+    d, eps = c["d_model"], c["norm_eps"]
+    blocks = [Block(nn.LayerNorm(d, eps=eps), HyenaOperator(c), nn.LayerNorm(d, eps=eps), GeluMLP(d, c["d_inner"] or 4 * d, True))
+              for _ in range(c["n_layers"])]
+    return LMNet(vocab, d, blocks, nn.LayerNorm(d, eps=eps))
+
+
+# ----------------------------------------------------------------------------- Evo 2 (StripedHyena 2)
+class ExplicitFilter(nn.Module):
+    def __init__(self, d, groups, length, window, skip):
+        super().__init__()
+        self.h = nn.Parameter(torch.zeros(groups, length))
+        if window:
+            self.register_buffer("window", torch.ones(groups, length))
+        if skip:
+            self.D = nn.Parameter(torch.zeros(d))
+
+    def kernel(self, d, n, dtype):
+        h = self.h.to(dtype) * (self.window.to(dtype) if hasattr(self, "window") else 1.0)
+        return h.repeat_interleave(d // h.shape[0], dim=0)[:, :n]
+
+
+class ModalFilter(nn.Module):
+    def __init__(self, d, groups, state, param):
+        super().__init__()
+        self.param = param
+        if param == "log_rate":
+            self.log_rate = nn.Parameter(torch.zeros(groups, state))
+        else:
+            self.log_poles = nn.Parameter(torch.zeros(groups, state))
+        self.residues = nn.Parameter(torch.zeros(groups, state))
+        self.D = nn.Parameter(torch.zeros(d))
+
+    def kernel(self, d, n, dtype):
+        log_p = -torch.exp(self.log_rate.to(dtype)) if self.param == "log_rate" else self.log_poles.to(dtype)
+        t = torch.arange(n, dtype=dtype, device=log_p.device)
+        h = (self.residues.to(dtype)[:, :, None] * torch.exp(log_p[:, :, None] * t)).sum(1)
+        return h.repeat_interleave(d // h.shape[0], dim=0)
+
+
+class StripedHyenaMixer(nn.Module):
+    def __init__(self, c, kind):
+        super().__init__()
+        d = c["d_model"]
+        self.kind = kind
+        self.proj = nn.Linear(d, 3 * d, bias=False)
+        self.short_conv = nn.Conv1d(3 * d, 3 * d, c["short_filter_length"], groups=3 * d, bias=c["short_filter_bias"])
+        if kind == "S":
+            self.filter = ExplicitFilter(d, c["se_filter_groups"], c["se_filter_length"], False, False)
+        elif kind == "D":
+            self.filter = ExplicitFilter(d, c["mr_filter_groups"], c["mr_filter_length"], c["mr_decay"], True)
+        else:
+            self.filter = ModalFilter(d, c["li_filter_groups"] or d, c["state_size"], c["li_poles"])
+        self.out = nn.Linear(d, d, bias=c["hyena_out_bias"])
+
+    def forward(self, x):
+        dt = _compute_dtype(x)
+        d, n = x.shape[-1], x.shape[1]
+        post, pre, v = _short_conv_chunks(self.proj(x), self.short_conv, dt)
+        u = pre * v
+        conv = _causal_fft_conv(u, self.filter.kernel(d, n, dt))
+        if hasattr(self.filter, "D"):
+            conv = conv + u * self.filter.D.to(dt)[:, None]
+        return self.out((post * conv).transpose(1, 2).to(x.dtype))
+
+
+def evo2_net(c, vocab):
+    d, eps = c["d_model"], c["norm_eps"]
+    hidden = c["mlp_dim"] or c["mlp_multiple_of"] * math.ceil(int(2 * d * 4 / 3) / c["mlp_multiple_of"])
+    blocks = []
+    for i, kind in enumerate(c["pattern"]):
+        if kind == "*":
+            mixer = Attention(d, c["n_heads"], True, c["qkv_bias"], c["attn_out_bias"], c["rope_base"],
+                              c["rope_interpolation"], c["rope_freqs"] == "stored")
+        else:
+            mixer = StripedHyenaMixer(c, kind)
+        act = c["mlp_activation"] if (i == 0 or not c["mlp_act_first_layer_only"]) else "identity"
+        blocks.append(Block(RMSNorm(d, eps, c["rmsnorm"]), mixer, RMSNorm(d, eps, c["rmsnorm"]), GatedMLP(d, hidden, False, act)))
+    return LMNet(vocab, d, blocks, RMSNorm(d, eps, c["rmsnorm"]))
+
+
+NETWORKS = {"transformer": transformer_net, "hyena": hyena_net, "evo2": evo2_net}
+
+
+# ----------------------------------------------------------------------------- transformers wrappers
+class GlmtrainPreTrainedModel(PreTrainedModel):
+    config_class = GlmtrainConfig
+    base_model_prefix = "model"
+    _tied_weights_keys = {"model.lm_head.weight": "model.embed.weight"}
+
+    def _init_weights(self, module):
+        pass  # every weight comes from model.safetensors
+
+    def __init__(self, config):
+        super().__init__(config)
+        c = config.glmtrain
+        self.model = NETWORKS[config.family](c, config.vocab_size)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed
+
+    def get_output_embeddings(self):
+        return self.model.lm_head
+
+    def _loss_and_logits(self, input_ids, attention_mask, labels, shift):
+        key_padding = attention_mask if attention_mask is not None else None
+        logits = self.model(input_ids, key_padding)
+        loss = None
+        if labels is not None:
+            lg, lb = (logits[:, :-1], labels[:, 1:]) if shift else (logits, labels)
+            loss = F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), lb.reshape(-1), ignore_index=-100)
+        return loss, logits
+
+
+class GlmtrainForCausalLM(GlmtrainPreTrainedModel):
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        loss, logits = self._loss_and_logits(input_ids, attention_mask, labels, shift=True)
+        return CausalLMOutput(loss=loss, logits=logits)
+
+
+class GlmtrainForMaskedLM(GlmtrainPreTrainedModel):
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        loss, logits = self._loss_and_logits(input_ids, attention_mask, labels, shift=False)
+        return MaskedLMOutput(loss=loss, logits=logits)
