@@ -16,10 +16,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # compute in fp32 for bf16 stability, return the input dtype
-        xf = x.float()
+        # compute in fp32 for bf16 stability (fp64 stays fp64), return the input dtype
+        xf = x if x.dtype == torch.float64 else x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return (y * self.weight.to(xf.dtype)).to(x.dtype)
 
 
 def make_norm(kind: str, dim: int, eps: float = 1e-5) -> nn.Module:
