@@ -38,6 +38,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from glmtrain.models.ops import _compute_dtype
+
 IMPLS = ("auto", "chunked", "sequential", "mamba_ssm")
 
 # ----------------------------------------------------------------------------- optional kernel
@@ -57,10 +59,6 @@ def mamba_ssm_scan():
         except Exception:  # ImportError, or a build without its CUDA extension
             _MAMBA_SCAN = None
     return _MAMBA_SCAN
-
-
-def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 # ----------------------------------------------------------------------------- sequential reference
