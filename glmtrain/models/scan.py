@@ -25,7 +25,7 @@ Three implementations with one contract (:func:`selective_scan`):
   block-start states: memory is O(block) whatever the sequence length, never
   ``[B, D, L, N]``.
 * ``mamba_ssm`` -- ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn`` (CUDA only),
-  used by ``auto`` when importable and the tensors are on a GPU.
+  used by ``auto`` when importable and the tensors are on a GPU (fed float32 inputs).
 
 Everything is computed in float32 (float64 if an input is float64) with autocast off, and
 returned in ``u``'s dtype, as ``mamba_ssm`` does.
@@ -245,7 +245,12 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         if fn is None:
             raise RuntimeError("model.scan_impl=mamba_ssm: the mamba_ssm package (CUDA) is not importable; "
                                "pip install mamba-ssm on a GPU machine, or use scan_impl=auto|chunked")
-        return fn(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
+        # the kernel wants u, delta, B, C, z in one dtype: all float32 (as our scans compute), so that a
+        # delta carrying its bias (~ -7) is not rounded to bf16; A, D, delta_bias are float32 anyway
+        f32 = lambda t: None if t is None else t.float()  # noqa: E731
+        y = fn(f32(u), f32(delta), f32(A), f32(B), f32(C), f32(D), z=f32(z), delta_bias=f32(delta_bias),
+               delta_softplus=delta_softplus)
+        return y.to(u.dtype)
     if impl == "sequential":
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     dtype_in = u.dtype
