@@ -2,7 +2,7 @@
 
 Every family x every strategy that runs on CPU (ddp, fsdp, tp, fsdp+tp; tp also with a
 vocabulary-parallel embedding/head and without sequence parallelism; minus the strategies a family
-refuses, ``REFUSED``: Caduceus has no tensor parallelism) trains 4 fp32 steps from
+refuses, ``REFUSED``: Caduceus has no tensor or context parallelism) trains 4 fp32 steps from
 the same seed on the same global batch and must log the single-process losses within 1e-5.  The
 single-process reference takes the global batch of 4 windows in 2 accumulated micro-batches of 2,
 the 2-rank runs in one micro-batch of 2 per rank: the loss normalisation must be exact across both
@@ -21,7 +21,6 @@ import csv
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -44,7 +43,7 @@ FAMILIES: dict[str, list[str]] = {
     "caduceus": ["model=caduceus_ps", "objective=mlm", "model.d_model=16", "model.n_layers=2"],
 }
 # strategies a family refuses (one line, tested in tests/test_caduceus.py): no job, no parity test
-REFUSED: dict[str, set[str]] = {"caduceus": {"tp", "tp_vocab_nosp", "fsdp_tp"}}
+REFUSED: dict[str, set[str]] = {"caduceus": {"tp", "tp_vocab_nosp", "fsdp_tp", "fsdp_cp"}}
 
 
 def applies(family: str, strategy: str) -> bool:
@@ -58,12 +57,16 @@ STRATEGIES: dict[str, tuple[int, list[str]]] = {
     "tp": (2, ["strategy=tp", "trainer.devices=2"]),
     "tp_vocab_nosp": (2, ["strategy=tp", "trainer.devices=2", "strategy.vocab_parallel=true", "strategy.sequence_parallel=false"]),
     "fsdp_tp": (4, ["strategy=fsdp_tp", "trainer.devices=4"]),
+    # Lightning's DeepSpeedStrategy through GLMModule on DeepSpeed's CPU accelerator (GLMDeepSpeedStrategy)
+    "deepspeed": (2, ["strategy=deepspeed", "trainer.devices=2", "strategy.zero_stage=2"]),
+    # context parallel: each window split over the 2 ranks (ring attention, gathered Hyena mixers)
+    "fsdp_cp": (2, ["strategy=fsdp", "trainer.devices=2", "strategy.cp_size=2"]),
 }
 # (written under, resumed under): the examples plus file -> 2-D
 RESUMES = [("fsdp", "ddp"), ("tp", "single"), ("ddp", "fsdp_tp")]
-# launch order (strategies of one launch share its processes): a resume runs in the launch of its
-# target strategy, after its source was written
-LAUNCHES = [["fsdp"], ["tp", "tp_vocab_nosp"], ["ddp"], ["fsdp_tp"], ["single"]]
+# launch order (strategies of one launch share its processes and pay start-up once): a resume runs in
+# the launch of its target strategy, after every job of that launch (its source was written before)
+LAUNCHES = [["fsdp", "ddp", "tp", "tp_vocab_nosp", "fsdp_cp", "deepspeed"], ["fsdp_tp"], ["single"]]
 
 
 def base_overrides(cache: Path) -> list[str]:
@@ -120,22 +123,22 @@ class Launches:
 
     def launch(self, group: list[str]) -> None:
         strategy = group[0]
-        nproc, extra = STRATEGIES[strategy]
+        nproc = STRATEGIES[strategy][0]
         base = base_overrides(self.cache)
         jobs = [{"overrides": [*base, *FAMILIES[f], *STRATEGIES[s][1]], "run_dir": str(self.run_dir(s, f))}
                 for s in group for f in FAMILIES if applies(f, s)]
         for src, dst in RESUMES:
-            if dst != strategy:
+            if dst not in group:
                 continue
             for f in FAMILIES:
                 if not (applies(f, src) and applies(f, dst)):
                     continue
                 d = self.resume_dir(src, dst, f)
                 ckpt = self.run_dir(src, f) / "checkpoints" / "step=00000002.ckpt"
-                if ckpt.exists():
-                    (d / "checkpoints").mkdir(parents=True, exist_ok=True)
-                    (shutil.copytree if ckpt.is_dir() else shutil.copy2)(ckpt, d / "checkpoints" / ckpt.name)
-                jobs.append({"overrides": [*base, *FAMILIES[f], *extra], "run_dir": str(d)})
+                # copied into d/checkpoints by scripts/parity.py when the job starts (the source may be
+                # written earlier in the same launch)
+                jobs.append({"overrides": [*base, *FAMILIES[f], *STRATEGIES[dst][1]], "run_dir": str(d),
+                             "resume_from": str(ckpt)})
         ports = _free_ports(len(jobs) + 1)
         spec = self.base / f"{strategy}.json"
         # job 0 rendezvouses on torchrun's --master_port; job i > 0 on its own free port
@@ -198,7 +201,7 @@ def test_loss_parity(runs, family, strategy):
     assert len(got) == STEPS, runs.why(strategy)
     diffs = {k: abs(got[k] - ref[k]) for k in ref}
     assert max(diffs.values()) <= TOL, f"{family}/{strategy}: {got} vs single {ref}"
-    if strategy != "ddp":  # the model really was sharded
+    if strategy not in ("ddp", "deepspeed"):  # the model really was sharded (DeepSpeed: inside its engine)
         m = re.search(rf"sharded {family} \(tp (\d), fsdp (on|off)\): ([\d,]+) of ([\d,]+) parameter values", runs.logs[strategy])
         assert m, runs.why(strategy)
         local, total = (int(m.group(i).replace(",", "")) for i in (3, 4))

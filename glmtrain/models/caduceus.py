@@ -119,6 +119,21 @@ def _compute(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
+@torch.no_grad()
+def init_dt_proj(dt_proj: nn.Linear, cfg: CaduceusConfig) -> None:
+    """mamba-ssm's dt projection: variance-preserving weight (uniform or constant at dt_rank^-0.5 * dt_scale)
+    and bias = softplus^-1 of a log-uniform dt in [dt_min, dt_max] (floored at dt_init_floor)."""
+    std = dt_proj.in_features ** -0.5 * cfg.dt_scale
+    if cfg.dt_init == "constant":
+        nn.init.constant_(dt_proj.weight, std)
+    else:
+        nn.init.uniform_(dt_proj.weight, -std, std)
+    n = dt_proj.out_features
+    dt = torch.exp(torch.rand(n) * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
+    dt = dt.clamp(min=cfg.dt_init_floor)
+    dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+
 class Mamba(nn.Module):
     """The Mamba (S6) mixer of mamba-ssm 1.2 (``Mamba`` in mamba_simple.py), without the step cache."""
 
@@ -128,29 +143,27 @@ class Mamba(nn.Module):
         self.cfg = cfg
         self.d_inner, self.d_state, self.dt_rank = di, n, r
         self.in_proj = nn.Linear(d, 2 * di, bias=cfg.bias)
-        self.conv1d = nn.Conv1d(di, di, cfg.d_conv, groups=di, padding=cfg.d_conv - 1, bias=cfg.conv_bias)
+        self.conv1d = nn.Conv1d(di, di, cfg.d_conv, groups=di, bias=cfg.conv_bias)  # causal: left-padded in _conv
         self.x_proj = nn.Linear(di, r + 2 * n, bias=False)
         self.dt_proj = nn.Linear(r, di, bias=True)
         self.A_log = nn.Parameter(torch.empty(di, n))
         self.D = nn.Parameter(torch.empty(di))
         self.out_proj = nn.Linear(di, d, bias=cfg.bias)
-        self.reset_ssm_parameters()
+        self.reset_parameters()
+        init_dt_proj(self.dt_proj, cfg)
 
     @torch.no_grad()
-    def reset_ssm_parameters(self) -> None:
-        """dt projection (variance-preserving), dt bias = softplus^-1 of a log-uniform dt in [dt_min, dt_max],
-        S4D-real A (A_log = log 1..N for every channel) and D = 1, as in mamba-ssm."""
-        cfg = self.cfg
-        std = self.dt_rank ** -0.5 * cfg.dt_scale
-        if cfg.dt_init == "constant":
-            nn.init.constant_(self.dt_proj.weight, std)
-        else:
-            nn.init.uniform_(self.dt_proj.weight, -std, std)
-        dt = torch.exp(torch.rand(self.d_inner) * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
-        dt = dt.clamp(min=cfg.dt_init_floor)
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+    def reset_parameters(self) -> None:
+        """The parameters the mixer owns directly: S4D-real A (A_log = log 1..N for every channel) and D = 1,
+        as in mamba-ssm (the dt projection's init is :func:`init_dt_proj`)."""
         self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand(self.d_inner, -1))
         self.D.fill_(1.0)
+
+    def flops_per_token(self, seq_len: int, batch: int) -> float:
+        """Forward FLOPs per token of the selective scan (its projections and conv are counted per module)."""
+        from glmtrain.flops import mamba_scan_flops
+
+        return mamba_scan_flops(self.d_inner, self.d_state)
 
     def _conv(self, x: torch.Tensor) -> torch.Tensor:
         """Depthwise causal conv + SiLU on [B, d_inner, L]; the causal-conv1d kernel on CUDA when installed."""
@@ -159,7 +172,7 @@ class Mamba(nn.Module):
             w = self.conv1d.weight.squeeze(1).to(x.dtype)
             b = None if self.conv1d.bias is None else self.conv1d.bias.to(x.dtype)
             return fn(x, w, b, activation="silu")
-        return F.silu(self.conv1d(x)[..., : x.shape[-1]])
+        return F.silu(self.conv1d(F.pad(x, (self.conv1d.kernel_size[0] - 1, 0))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, L, d] -> [B, L, d]."""
@@ -271,17 +284,45 @@ class Caduceus(GenomicModel):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Caduceus / mamba-ssm init: embedding N(0, initializer_range); linear biases 0 (not the dt bias);
-        out_proj re-drawn (kaiming-uniform, the nn.Linear default) and divided by
-        sqrt(n_residuals_per_layer * n_layers); the rest keeps the nn defaults and Mamba's own init."""
-        cfg = self.cfg
-        nn.init.normal_(self.embed.weight, std=cfg.initializer_range)
+        """Every module by :meth:`init_module` (a plain build; a meta build runs the same rule per module,
+        seeded by its name)."""
+        done: set[int] = set()
         for name, m in self.named_modules():
-            if isinstance(m, nn.Linear) and m.bias is not None and not name.endswith("dt_proj"):
-                nn.init.zeros_(m.bias)
-            if isinstance(m, Mamba) and cfg.rescale_prenorm_residual:
-                nn.init.kaiming_uniform_(m.out_proj.weight, a=math.sqrt(5))
-                m.out_proj.weight /= math.sqrt(cfg.n_residuals_per_layer * cfg.n_layers)
+            own = [p for p in m.parameters(recurse=False) if id(p) not in done]
+            if own:
+                done.update(id(p) for p in own)
+                self.init_module(name, m)
+
+    @torch.no_grad()
+    def init_module(self, name: str, module: nn.Module) -> None:
+        """Caduceus / mamba-ssm init of the parameters ``module`` owns: embedding N(0, initializer_range);
+        the dt projection by :func:`init_dt_proj`; other linear layers the nn default with biases 0, and
+        out_proj divided by sqrt(n_residuals_per_layer * n_layers) when rescale_prenorm_residual; the
+        mixer's A_log and D, norms and convolutions their own ``reset_parameters``."""
+        cfg = self.cfg
+        if isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=cfg.initializer_range)
+        elif isinstance(module, nn.Linear) and name.endswith("dt_proj"):
+            init_dt_proj(module, cfg)
+        elif isinstance(module, nn.Linear):
+            module.reset_parameters()
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if name.endswith("out_proj") and cfg.rescale_prenorm_residual:
+                module.weight /= math.sqrt(cfg.n_residuals_per_layer * cfg.n_layers)
+        else:
+            super().init_module(name, module)
+
+    def flops_per_token(self, seq_len: int, batch: int) -> float:
+        """The passes beyond the first that :func:`glmtrain.flops.count` counts per module: Caduceus-PS runs
+        blocks, final norm and head on both strands; ``rc_average: always`` runs the model twice in training."""
+        from glmtrain.flops import count
+
+        passes = (2 if self.cfg.rcps else 1) * (2 if self.cfg.rc_average == "always" else 1)
+        if passes == 1:
+            return 0.0
+        one = sum(count(m, seq_len, batch).forward for m in (self.blocks, self.lm_head))
+        return (passes - 1) * one
 
     def no_decay_param_names(self) -> set[str]:
         return {n for n, _ in self.named_parameters() if n.endswith(("A_log", ".D"))}
