@@ -134,7 +134,7 @@ class Launches:
                 if not (applies(f, src) and applies(f, dst)):
                     continue
                 d = self.resume_dir(src, dst, f)
-                ckpt = self.run_dir(src, f) / "checkpoints" / "step=00000002.ckpt"
+                ckpt = self.run_dir(src, f) / "checkpoints" / "step-00000002.ckpt"
                 # copied into d/checkpoints by scripts/parity.py when the job starts (the source may be
                 # written earlier in the same launch)
                 jobs.append({"overrides": [*base, *FAMILIES[f], *STRATEGIES[dst][1]], "run_dir": str(d),
@@ -212,7 +212,7 @@ def test_loss_parity(runs, family, strategy):
 @pytest.mark.parametrize("family,src,dst", [(f, a, b) for f in FAMILIES for a, b in RESUMES if applies(f, a) and applies(f, b)],
                          ids=[f"{f}-{a}-to-{b}" for f in FAMILIES for a, b in RESUMES if applies(f, a) and applies(f, b)])
 def test_resharded_resume(runs, family, src, dst):
-    ckpt = runs.run_dir(src, family) / "checkpoints" / "step=00000002.ckpt"
+    ckpt = runs.run_dir(src, family) / "checkpoints" / "step-00000002.ckpt"
     assert ckpt.exists(), runs.why(src)
     if src in ("fsdp", "tp", "fsdp_tp"):
         assert ckpt.is_dir() and (ckpt / "meta.pt").is_file()  # sharded: torch.distributed.checkpoint directory
@@ -233,8 +233,8 @@ def test_sharded_checkpoint_metadata_and_weights(runs):
     from glmtrain.checkpointing import read_meta
     from glmtrain.ckpt_formats import load_file, load_sharded_as_full
 
-    d = runs.run_dir("tp", "hyena") / "checkpoints" / "step=00000002.ckpt"
-    plain = runs.run_dir("ddp", "hyena") / "checkpoints" / "step=00000002.ckpt"
+    d = runs.run_dir("tp", "hyena") / "checkpoints" / "step-00000002.ckpt"
+    plain = runs.run_dir("ddp", "hyena") / "checkpoints" / "step-00000002.ckpt"
     assert d.is_dir(), runs.why("tp")
     meta = read_meta(d)
     assert meta["global_step"] == 2 and meta["consumed_samples"] == 8
