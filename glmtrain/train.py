@@ -188,8 +188,10 @@ def train(run: RunConfig) -> dict:
         trainer.validate(module, datamodule=data, verbose=False, weights_only=True)
         result["val_bits_per_base"] = module.last_val["bits_per_base"]
         result["val_bases"] = module.last_val["bases"]
-        if trainer.is_global_zero and run.eval.baselines and run.objective.name == "clm":
-            base = markov_baselines(data.sequences("train"), data.sequences("valid"), run.eval.baselines)
+        # MLM: only order 0 (the unigram of a masked base); higher orders predict from the left context alone
+        orders = [k for k in run.eval.baselines if run.objective.name == "clm" or k == 0]
+        if trainer.is_global_zero and orders:
+            base = markov_baselines(data.sequences("train"), data.sequences("valid"), orders)
             result["baselines_bits_per_base"] = {f"order{k}": v for k, v in base.items()}
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     if module.train_tokens_timed:

@@ -392,25 +392,26 @@ def test_mlm_masks_do_not_depend_on_the_split_of_the_batch():
 
 
 # ----------------------------------------------------------------------------- 4. learning
-@pytest.mark.parametrize("variant,steps,extra", [("caduceus_ps", 20, []), ("caduceus_ph", 60, ["data.rc_prob=0.5"])],
-                         ids=["ps", "ph"])
-def test_learns_below_the_unigram_baseline(variant, steps, extra, tmp_path):
+@pytest.mark.parametrize("variant,extra", [
+    ("caduceus_ps", ["trainer.max_steps=20", "optim.lr=8e-3"]),
+    ("caduceus_ph", ["trainer.max_steps=30", "optim.lr=1.5e-2", "model.n_layers=1", "data.rc_prob=0.5"]),
+], ids=["ps", "ph"])
+def test_learns_below_the_unigram_baseline(variant, extra, tmp_path):
     """A short MLM run on the bundled genome (chr4 held out) beats the base composition: held-out
     masked bits/base below the order-0 Markov baseline (= the unigram model for single bases) fit on
-    the same training windows and scored on the same held-out windows.  Measured: PS (20 steps) 1.910,
-    Ph (60 steps, RC augmentation, RC-averaged evaluation) 1.916 vs 1.959."""
-    from glmtrain.baselines import markov_baselines
-    from glmtrain.data.genome import GenomeDataModule
+    the same training windows and scored on the same held-out windows (glmtrain.baselines, code
+    independent of the model).  Measured (seed 1234; other seeds in brackets), order-0 1.959:
+    PS 2 x 32, 20 steps: 1.910 (1.886); Ph 1 x 32, 30 steps with RC augmentation and RC-averaged
+    evaluation: 1.902 (1.878, 1.897, 1.895, 1.896)."""
     from glmtrain.train import train
 
     run = compose_run([
         f"model={variant}", "objective=mlm", "model.d_model=32", "data.window=128", "data.max_val_windows=128",
-        "trainer.micro_batch_size=4", f"trainer.max_steps={steps}", "trainer.max_time_s=0", "trainer.val_every=0",
+        "trainer.micro_batch_size=4", "trainer.max_time_s=0", "trainer.val_every=0", "eval.baselines=[0]",
         "trainer.ckpt_every=1000", "trainer.progress=none", "trainer.threads=1", "trainer.accelerator=cpu",
-        "logger=none", "optim.lr=8e-3", "optim.warmup_steps=5", f"run_dir={tmp_path / 'run'}", *extra,
+        "logger=none", "optim.warmup_steps=5", f"run_dir={tmp_path / 'run'}", *extra,
     ])
     result = train(run)
-    dm = GenomeDataModule(run.data, CharTokenizer(), 8, run.seed)
-    unigram = markov_baselines(dm.sequences("train", max_bases=1_000_000), dm.sequences("valid"), [0])[0]
-    assert result["val_bases"] > 2000
-    assert result["val_bits_per_base"] < unigram - 0.02, (result, unigram)
+    unigram = result["baselines_bits_per_base"]["order0"]
+    assert result["val_bases"] > 2000 and 1.9 < unigram < 2.0
+    assert result["val_bits_per_base"] < unigram - 0.03, (result, unigram)
