@@ -159,6 +159,8 @@ class Mamba(nn.Module):
         self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand(self.d_inner, -1))
         self.D.fill_(1.0)
 
+    flops_label = "scan"
+
     def flops_per_token(self, seq_len: int, batch: int) -> float:
         """Forward FLOPs per token of the selective scan (its projections and conv are counted per module)."""
         from glmtrain.flops import mamba_scan_flops
@@ -312,6 +314,8 @@ class Caduceus(GenomicModel):
                 module.weight /= math.sqrt(cfg.n_residuals_per_layer * cfg.n_layers)
         else:
             super().init_module(name, module)
+
+    flops_label = "second_strand"
 
     def flops_per_token(self, seq_len: int, batch: int) -> float:
         """The passes beyond the first that :func:`glmtrain.flops.count` counts per module: Caduceus-PS runs
