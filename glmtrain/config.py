@@ -352,10 +352,16 @@ def _check_combinations(run: RunConfig) -> None:
     causal = getattr(run.model, "causal", model_class(run.model.family).causal)
     obj = run.objective
     if obj.name == "clm" and not causal:
+        # only families with a causal switch can offer one; for the others name a causal family
+        switch = "model.causal=true" if hasattr(run.model, "causal") else "a causal family, e.g. model=hyena"
         raise ConfigError(
             f"objective=clm needs a causal model, but model {run.model.name!r} is a bidirectional encoder; "
-            "use objective=mlm or a causal model (model.causal=true)"
+            f"use objective=mlm or a causal model ({switch})"
         )
+    check = getattr(run.model, "check", None)  # a family's own cross-field checks (one line or None)
+    problem = check() if callable(check) else None
+    if problem:
+        raise ConfigError(problem)
     if obj.name == "mlm" and causal:
         raise ConfigError(
             f"objective=mlm needs a bidirectional encoder, but model {run.model.name!r} is causal; "

@@ -21,7 +21,8 @@ softmax), embedding look-ups or the optimizer.  Per token, forward:
   ``C * 2.5 n log2 n * (2 + 1/B) / L``;
 * filters generated per sequence (HyenaDNA's implicit-filter MLP): ``2 sum(in*out)`` of its
   linear layers per *position*, shared by the B samples of a micro-batch: divided by B;
-* modules that define ``flops_per_token(seq_len, batch) -> float`` (forward, everything that is
+* modules that define ``flops_per_token(seq_len, batch) -> float`` (listed under their ``flops_label``
+  or class name; forward, everything that is
   not an ``nn.Linear`` call) are asked instead; :func:`mamba_scan_flops` gives the selective-scan
   count for Mamba mixers (``9 d_inner d_state`` per token: discretisation, state update, output).
 
@@ -112,7 +113,7 @@ def count(model: nn.Module, seq_len: int, batch: int = 1) -> FlopCount:
         kind = type(m).__name__
         custom = getattr(m, "flops_per_token", None)
         if callable(custom):
-            out.add(kind, custom(seq_len, batch))
+            out.add(getattr(m, "flops_label", kind), custom(seq_len, batch))
         elif kind == "ImplicitFilter":  # HyenaDNA: an MLP over positions, shared by the batch
             per_sequence.append(name)
             lin = sum(2.0 * s.in_features * s.out_features for s in m.modules() if isinstance(s, nn.Linear))

@@ -9,6 +9,7 @@ samples, RNG states).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -180,8 +181,21 @@ class GLMModule(L.LightningModule):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
 
-    def _step(self, batch: dict, generator: torch.Generator | None):
-        prepared = self.objective.prepare(batch["input_ids"], batch.get("loss_weight"), generator)
+    def _prepare(self, batch: dict, generator: torch.Generator | None, salt: int):
+        ids, w, index = batch["input_ids"], batch.get("loss_weight"), batch.get("index")
+        if self.objective.name != "mlm" or index is None:
+            return self.objective.prepare(ids, w, generator)
+        # MLM masks drawn per sample from its index in the stream: the same masks whatever the world size,
+        # micro-batch and accumulation (strategy parity, resharded resume)
+        parts = []
+        for i, g in enumerate(torch.as_tensor(index).tolist()):
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed((self.run.seed * 1_000_003 + (salt + int(g)) * 7919) % (2**63 - 1))
+            parts.append(self.objective.prepare(ids[i:i + 1], None if w is None else w[i:i + 1], gen))
+        return dataclasses.replace(parts[0], **{k: torch.cat([getattr(p, k) for p in parts]) for k in ("inputs", "labels", "weights")})
+
+    def _step(self, batch: dict, generator: torch.Generator | None, salt: int = 0):
+        prepared = self._prepare(batch, generator, salt)
         cp_rank, cp, _ = self._cp()
         if cp > 1:  # context parallel: this rank's chunk of every sequence, labels aligned globally
             from glmtrain.parallel.context import chunk_prepared
@@ -307,7 +321,7 @@ class GLMModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         gen = self._generator(10**9 + batch_idx) if self.objective.name == "mlm" else None
-        _, stats = self._step(batch, gen)
+        _, stats = self._step(batch, gen, salt=10**9)  # held-out windows: their own mask stream
         for k in self._val:
             self._val[k] += stats[k].double()
 

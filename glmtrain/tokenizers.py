@@ -321,3 +321,38 @@ def build_tokenizer(cfg: TokenizerConfig | dict | None) -> Tokenizer:
     if kind == "byte":
         return ByteTokenizer(lowercase=cfg.get("lowercase", "keep"))
     raise ValueError(f"model.tokenizer.kind={kind!r}: allowed values are char, kmer, byte")
+
+
+# ----------------------------------------------------------------------------- token-level complement
+def complement_map(tok: Tokenizer) -> np.ndarray:
+    """``comp[id]`` = id of the complementary token, for reverse-complement equivariant models and
+    id-level RC augmentation: A<->T, C<->G (and a<->t, c<->g, IUPAC codes when they have their own
+    tokens); N, specials and padding ids map to themselves.  The reverse complement of an id
+    sequence is then ``comp[ids[::-1]]`` (:func:`reverse_complement_ids`).
+
+    Only tokenizers whose tokens are single bases (char, byte) have one: a k-mer tokenizer is
+    refused, because the non-overlapping k-mers of the reverse strand start at other offsets, so
+    the reverse complement of a sequence is not a per-token map of its k-mer ids.
+    """
+    if isinstance(tok, CharTokenizer):
+        ids = {t: i for i, t in enumerate(tok.tokens)}
+        comp = np.arange(tok.vocab_size, dtype=np.int64)
+        for t, i in ids.items():
+            if len(t) == 1:
+                comp[i] = ids[reverse_complement(t)]
+        return comp
+    if isinstance(tok, ByteTokenizer):
+        comp = np.arange(tok.vocab_size, dtype=np.int64)
+        for b in IUPAC_ALL + IUPAC_ALL.lower():
+            comp[ord(b)] = ord(reverse_complement(b))
+        return comp
+    raise TokenizerError(
+        f"the {tok.name} tokenizer has no token-level complement map (the reverse strand's k-mers start at other "
+        "offsets, so reverse-complementing is not a per-token map); use model.tokenizer.kind=char for "
+        "reverse-complement models"
+    )
+
+
+def reverse_complement_ids(tok: Tokenizer, ids: np.ndarray) -> np.ndarray:
+    """Reverse complement of id sequences (last axis) through :func:`complement_map`."""
+    return complement_map(tok)[np.asarray(ids)[..., ::-1]]

@@ -421,7 +421,9 @@ def _finish(run: RunConfig, schedule: Schedule, manifest: Manifest, last: dict, 
         result["stages"] = [{k: s.get(k) for k in ("name", "window", "steps", "tokens_per_step", "val_bits_per_base",
                                                    "train_tok_s", "train_mfu", "peak_mem_gib", "final_sha256",
                                                    "init_sha256")} for s in stages]
-    if run.eval.final and run.eval.baselines and run.objective.name == "clm" and _rank() == 0:
+    # MLM: only order 0 (the unigram of a masked base); higher orders predict from the left context alone
+    orders = [k for k in run.eval.baselines if run.objective.name == "clm" or k == 0]
+    if run.eval.final and orders and _rank() == 0:
         if data is None:  # no stage trained in this invocation: open the last stage's data for the baselines
             from glmtrain.tokenizers import build_tokenizer
             from omegaconf import OmegaConf
@@ -429,7 +431,7 @@ def _finish(run: RunConfig, schedule: Schedule, manifest: Manifest, last: dict, 
             sr = schedule.stages[-1].run
             tok = build_tokenizer(OmegaConf.to_container(OmegaConf.structured(sr.model.tokenizer)))
             data = GenomeDataModule(sr.data, tok, 1, run.seed)
-        base = markov_baselines(data.sequences("train"), data.sequences("valid"), run.eval.baselines)
+        base = markov_baselines(data.sequences("train"), data.sequences("valid"), orders)
         result["baselines_bits_per_base"] = {f"order{k}": v for k, v in base.items()}
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     if _rank() == 0:

@@ -15,6 +15,7 @@ FAMILIES: dict[str, tuple[str, str, str]] = {
     "transformer": ("glmtrain.models.transformer", "TransformerConfig", "Transformer"),
     "hyena": ("glmtrain.models.hyena", "HyenaConfig", "HyenaDNA"),
     "evo2": ("glmtrain.models.evo2", "Evo2Config", "Evo2"),
+    "caduceus": ("glmtrain.models.caduceus", "CaduceusConfig", "Caduceus"),
 }
 
 

@@ -42,13 +42,17 @@ def strategy_problem(run: Any) -> str | None:
             return f"strategy.cp_size={s.cp_size} does not divide the data-parallel size {topo.dp} ({topo.describe().split(';')[0]})"
         if seq_tokens(run) % s.cp_size:
             return f"strategy.cp_size={s.cp_size} does not divide the sequence length ({seq_tokens(run)} tokens per window)"
+        plan = plan_for(family)
+        if plan is not None and plan.cp_refusal:
+            return f"strategy.cp_size={s.cp_size}: model family {family!r} has no context parallelism ({plan.cp_refusal}); use cp_size=1"
     if s.name in ("fsdp", "tp"):
         plan = plan_for(family)
         if plan is None:
             return (f"strategy={s.name}: model family {family!r} declares no sharding plan (glmtrain/parallel/plans.py); "
                     "use strategy=ddp or strategy=deepspeed")
         if topo.tp > 1 and not plan.tensor_parallel:
-            return f"strategy.tp_size={topo.tp}: model family {family!r} has no tensor-parallel plan; use strategy=fsdp with tp_size=1"
+            why = f" ({plan.tp_refusal})" if plan.tp_refusal else ""
+            return f"strategy.tp_size={topo.tp}: model family {family!r} has no tensor-parallel plan{why}; use strategy=fsdp with tp_size=1"
         if topo.world % topo.tp:
             return f"strategy.tp_size={topo.tp} does not divide the world size {topo.world} ({topo.describe().split(';')[0]})"
         if topo.tp > 1:

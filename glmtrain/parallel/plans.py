@@ -96,6 +96,8 @@ class FamilyPlan:
     head: str = "lm_head"
     final_norm: str = "norm_f"
     tensor_parallel: bool = True  # False: FSDP/DDP only; strategy=tp is refused for the family
+    tp_refusal: str = ""  # why a family without tensor parallelism has none (shown in the refusal)
+    cp_refusal: str = ""  # non-empty: strategy.cp_size > 1 is refused for the family, for this reason
     # glob patterns (relative to a block) of linear layers deliberately left replicated under TP
     replicated: tuple[str, ...] = ()
 
@@ -174,6 +176,19 @@ PLANS: dict[str, FamilyPlan] = {
             "mlp.gate": Colwise(), "mlp.up": Colwise(), "mlp.down": Rowwise(),
         },
         tp_divisors=_evo2_divisors,
+    ),
+    # Caduceus: FSDP2 per block (the tied in/out projections of the two directions live in one block unit);
+    # no tensor parallelism (see tp_refusal).
+    "caduceus": FamilyPlan(
+        family="caduceus",
+        block_styles={},
+        tp_divisors=lambda cfg, vocab: [],
+        tensor_parallel=False,
+        tp_refusal=("the selective scan's input-dependent dt, B and C project all d_inner channels, which needs an "
+                    "extra all-reduce inside each direction of every block, and Caduceus-PS flips its hidden state "
+                    "along length and channels, across sequence and channel shards"),
+        cp_refusal=("both scan directions of every BiMamba run over the whole sequence, and Caduceus-PS (and "
+                    "Caduceus-Ph's RC averaging) reverse the sequence, which a rank holding one chunk cannot do locally"),
     ),
 }
 
