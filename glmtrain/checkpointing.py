@@ -127,6 +127,15 @@ def shape_mismatch(shapes: dict[str, tuple], module: torch.nn.Module) -> str | N
     return None
 
 
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict of a checkpoint file or sharded directory; tensors only, no code runs."""
+    if Path(path).is_dir():
+        from glmtrain.parallel.strategies import load_sharded_as_full
+
+        return load_sharded_as_full(Path(path))["state_dict"]
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)["state_dict"]
+
+
 def resolve_checkpoint(spec: str | Path) -> Path:
     """A checkpoint file, or a run directory / checkpoints directory -> its newest readable checkpoint."""
     p = Path(spec)
@@ -158,13 +167,7 @@ def load_weights(spec: str | Path, module: torch.nn.Module, say=print) -> Path:
     problem = shape_mismatch(meta["shapes"], module)
     if problem:
         raise CheckpointError(f"trainer.init_from={path}: does not fit the model ({problem})")
-    if Path(path).is_dir():
-        from glmtrain.parallel.strategies import load_sharded_as_full
-
-        sd = load_sharded_as_full(Path(path))["state_dict"]
-    else:
-        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["state_dict"]
-    module.load_state_dict(sd, strict=True)
+    module.load_state_dict(read_state_dict(path), strict=True)
     say(f"initialised weights from {path} (step {meta['global_step']}); optimizer, schedule and data start fresh")
     return path
 

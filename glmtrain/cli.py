@@ -32,6 +32,15 @@ def main(cfg: DictConfig) -> None:
         run = validate(cfg)
     except ConfigError as e:
         _fail(f"config: {e}")
+    if run.task.name != "pretrain":  # finetune | score | generate (glmtrain/downstream)
+        from glmtrain.downstream.run import run_task
+        from glmtrain.tokenizers import TokenizerError
+
+        try:
+            run_task(run)
+        except (DataInputError, CheckpointError, ConfigError, TokenizerError) as e:
+            _fail(str(e))
+        return
     from glmtrain.cluster import FLAG
     from glmtrain.faults import NumericalFault
     from glmtrain.train import train

@@ -46,11 +46,11 @@ from glmtrain.models.base import GenomicModel, ModelConfig
 from glmtrain.models.layers import RMSNorm, RopeAttention, SwiGLU, gpt2_init
 from glmtrain.models.ops import (
     direct_causal_conv,
+    causal_conv_forward,
     fft_causal_conv,
     flash_attn_func,
     grouped_filter,
-    hyena_gated_conv,
-    short_causal_conv,
+    hyena_gated_conv_module,
 )
 
 BLOCK_KINDS = {"S": "hyena_se", "D": "hyena_mr", "H": "hyena_li", "*": "attention"}
@@ -210,6 +210,8 @@ class ModalFilter(nn.Module):
 class HyenaMixer(nn.Module):
     """Projection -> featurizer conv -> gated inner filter (SE / MR / LI) -> output projection."""
 
+    decode_state = None  # set by glmtrain.models.decode while decoding with a cache
+
     def __init__(self, cfg: Evo2Config, kind: str):
         super().__init__()
         d = cfg.d_model
@@ -228,13 +230,15 @@ class HyenaMixer(nn.Module):
         self.out = nn.Linear(d, d, bias=cfg.hyena_out_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.decode_state is not None:
+            return self.decode_state.step(self, x)
         seq_len = x.shape[1]
         z = self.proj(x).transpose(1, 2).contiguous()  # [B, 3d, L]
         if self.kind == "hyena_li":
             k = grouped_filter(self.filter.materialize(seq_len, torch.float64 if z.dtype == torch.float64 else torch.float32), self.cfg.d_model)
-            y = hyena_gated_conv(z, self.short_conv.weight, self.short_conv.bias, k, self.filter.D, self.cfg.fft_channel_chunk)
+            y = hyena_gated_conv_module(z, self.short_conv, k, self.filter.D, self.cfg.fft_channel_chunk)
         else:
-            zc = short_causal_conv(z, self.short_conv.weight, self.short_conv.bias)
+            zc = causal_conv_forward(self.short_conv, z)
             post, pre, v = zc.chunk(3, dim=1)
             y = post * self.filter(pre * v)
         return self.out(y.transpose(1, 2))

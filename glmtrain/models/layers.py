@@ -147,7 +147,11 @@ class RopeAttention(nn.Module):
         self.rope = RotaryEmbedding(self.head_dim, rope_base, rope_interpolation)
         self.flash = flash
 
+    decode_state = None  # a KV cache, set by glmtrain.models.decode while decoding
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.decode_state is not None:
+            return self.decode_state.step(self, x)
         b, seq_len, _ = x.shape
         # -1 instead of n_heads lets a tensor-parallel plan shard heads without touching this code
         q, k, v = self.qkv(x).view(b, seq_len, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)
