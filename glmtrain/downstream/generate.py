@@ -64,17 +64,17 @@ def sequence_stats(samples: list[str], train: list, valid: list, k: int, seed: i
     """GC content and k-mer spectrum distances (see the module docstring)."""
     ref = kmer_spectrum(train, k)
     gen = kmer_spectrum(samples, k)
+    base = kmer_spectrum(train, 1).astype(np.float64)  # A C G T
     total = sum(len(s) for s in samples)
     out = {"k": k, "samples": len(samples), "bases": total,
            "gc_per_sample": [round(gc_content(s), 4) for s in samples],
            "gc": round(gc_content("".join(samples)), 4),
-           "train_gc": round(float(ref.reshape(-1, 4 ** (k - 1)).sum(1)[[1, 2]].sum() / max(ref.sum(), 1)), 4),
+           "train_gc": round(float(base[1:3].sum() / max(base.sum(), 1)), 4),
            "kmer_js_distance_to_train": round(js_distance(gen, ref), 4)}
     # bracket: real held-out sequence and order-0 random sequence of the same total length
     if valid:
         joined = b"".join(bytes(v) for v in valid)[:total]
         out["kmer_js_distance_valid_to_train"] = round(js_distance(kmer_spectrum([joined], k), ref), 4)
-    base = kmer_spectrum(train, 1).astype(np.float64)
     rng = np.random.default_rng(seed)
     iid = "".join(np.array(list("ACGT"))[rng.choice(4, size=total, p=base / base.sum())])
     out["kmer_js_distance_iid_to_train"] = round(js_distance(kmer_spectrum([iid], k), ref), 4)
