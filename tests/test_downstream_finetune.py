@@ -118,12 +118,14 @@ def test_finetune_from_run_directory(tmp_path, capsys):
     # the saved best weights reproduce the reported test metrics
     from safetensors.torch import load_file
 
-    from glmtrain.downstream.finetune import build
+    from glmtrain.downstream.families import spec_for
+    from glmtrain.downstream.pretrained import build_from
     from glmtrain.downstream.heads import SequenceClassifier
     from glmtrain.downstream.peft_methods import apply_method
     from glmtrain.downstream.pretrained import load_into
 
-    body, tok, pre, spec = build(run)
+    body, tok, pre = build_from(run)
+    spec = spec_for(pre.model_cfg.family)
     clf = SequenceClassifier(body, 32, 2, result["pooling"], 0.1)
     load_into(clf, pre.state_dict, "body.", pre.source)
     applied = apply_method(clf, run.task, spec, "t", 6)

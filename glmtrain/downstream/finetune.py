@@ -20,7 +20,6 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from glmtrain.atomic import atomic_write
 from glmtrain.config import ConfigError, RunConfig, to_yaml
@@ -29,10 +28,8 @@ from glmtrain.downstream.families import spec_for
 from glmtrain.downstream.heads import SequenceClassifier
 from glmtrain.downstream.metrics import classification_metrics
 from glmtrain.downstream.peft_methods import Applied, apply_method
-from glmtrain.downstream.pretrained import describe_load, load_into, load_pretrained
-from glmtrain.models import build_model
+from glmtrain.downstream.pretrained import build_from, describe_load, load_into
 from glmtrain.module import lr_lambda, param_groups
-from glmtrain.tokenizers import build_tokenizer
 
 
 def resolve_pooling(task: Any, family: str, causal: bool, tokenizer) -> str:
@@ -94,11 +91,12 @@ class FinetuneModule(L.LightningModule):
             self._t = time.perf_counter()
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % self.trainer.accumulate_grad_batches:
+            return  # mid-accumulation: no optimizer step yet
         if self.applied.adalora is not None:  # after the optimizer step, before the next zero_grad
             self.applied.adalora.update_and_allocate(self.global_step)
-        step = self.global_step
         every = self.run.trainer.val_every
-        if every and step % every == 0:
+        if every and self.global_step % every == 0:
             self.evaluate_dev()
 
     def evaluate_dev(self) -> None:
@@ -142,18 +140,6 @@ def _say(msg: str) -> None:
     print(f"glmtrain: {msg}", flush=True)
 
 
-def build(run: RunConfig, say=_say) -> tuple[Applied, Any, dict, Any]:
-    """Body + head + method, everything checked; returns (applied, tokenizer, load report, model cfg).
-
-    Reads the checkpoint and builds modules but writes nothing."""
-    task = run.task
-    pre = load_pretrained(task.init_from, run.model)
-    tok = build_tokenizer(OmegaConf.to_container(OmegaConf.structured(pre.model_cfg.tokenizer)))
-    body = build_model(pre.model_cfg, tok.vocab_size)
-    spec = spec_for(pre.model_cfg.family)
-    return body, tok, pre, spec
-
-
 def run_finetune(run: RunConfig) -> dict:
     t0 = time.perf_counter()
     task, t = run.task, run.trainer
@@ -163,10 +149,8 @@ def run_finetune(run: RunConfig) -> dict:
     if (run_dir / "checkpoints").is_dir():
         raise ConfigError(f"run_dir={run_dir} is a pretraining run directory; fine-tuning writes elsewhere (run_dir=...)")
     L.seed_everything(run.seed, workers=True, verbose=False)
-    if t.threads > 0:
-        torch.set_num_threads(t.threads)
-
-    body, tok, pre, spec = build(run)
+    body, tok, pre = build_from(run)
+    spec = spec_for(pre.model_cfg.family)
     causal = getattr(body, "causal", True)
     pooling = resolve_pooling(task, pre.model_cfg.family, causal, tok)
     prefix = [tok.cls_id] if pooling == "cls" else []

@@ -111,27 +111,19 @@ def write_fasta(path: Path, samples: list[str], header: str) -> None:
 
 
 def run_generate(run) -> dict:
-    from omegaconf import OmegaConf
-
     from glmtrain.data.fasta import DataInputError
     from glmtrain.data.genome import GenomeDataModule
-    from glmtrain.downstream.pretrained import load_into, load_pretrained
-    from glmtrain.models import build_model
-    from glmtrain.tokenizers import build_tokenizer
-    from glmtrain.train import resolve_accelerator
+    from glmtrain.downstream.pretrained import load_model
 
     task = run.task
-    if run.trainer.threads > 0:
-        torch.set_num_threads(run.trainer.threads)
-    pre = load_pretrained(task.init_from, run.model)
-    tok = build_tokenizer(OmegaConf.to_container(OmegaConf.structured(pre.model_cfg.tokenizer)))
-    model = build_model(pre.model_cfg, tok.vocab_size)
+    model, tok, pre = load_model(run)
     if not getattr(model, "causal", True):
         raise DataInputError(f"task=generate needs a causal model; {pre.model_cfg.name} is a bidirectional encoder")
-    report = load_into(model, pre.state_dict, "", pre.source)
-    if report["not_loaded"]:
-        raise DataInputError(f"task.init_from={pre.source}: tensors missing from the checkpoint: {', '.join(report['not_loaded'][:5])}")
-    model.to("cuda" if resolve_accelerator(run) == "gpu" else "cpu").eval()
+    from glmtrain.inference import supports_cache
+
+    if task.cached and not supports_cache(model):
+        raise DataInputError(f"task.cached=true: {pre.model_cfg.name} has blocks without a decoding cache "
+                             "(glmtrain/models/decode.py); use task.cached=false")
     samples, tok_s = sample_sequences(model, tok, task.prompt, task.num_samples, task.length, task.temperature,
                                       task.top_k, task.top_p, task.seed, task.batch_size, task.cached)
     data = GenomeDataModule(run.data, tok, 1, run.seed)

@@ -77,3 +77,30 @@ def describe_load(report: dict[str, list[str]], source: str, step: int) -> str:
     return (f"loaded {len(report['loaded'])} tensors from {source} (step {step}) into the body; "
             f"not loaded (new, initialised here): {names(report['not_loaded'])}; "
             f"checkpoint tensors not used: {names(report['unused'])}")
+
+
+def build_from(run: Any, what: str = "task.init_from"):
+    """(model, tokenizer, :class:`Pretrained`) for ``run.task.init_from``: the model is built (weights as
+    initialised; load with :func:`load_into`), on the CPU; nothing is written.  Applies ``trainer.threads``."""
+    from omegaconf import OmegaConf
+
+    from glmtrain.models import build_model
+    from glmtrain.tokenizers import build_tokenizer
+
+    if run.trainer.threads > 0:
+        torch.set_num_threads(run.trainer.threads)
+    pre = load_pretrained(run.task.init_from, run.model, what)
+    tok = build_tokenizer(OmegaConf.to_container(OmegaConf.structured(pre.model_cfg.tokenizer)))
+    return build_model(pre.model_cfg, tok.vocab_size), tok, pre
+
+
+def load_model(run: Any, what: str = "task.init_from"):
+    """(model in eval mode on the run's device, tokenizer, :class:`Pretrained`) with every tensor from the checkpoint."""
+    from glmtrain.train import resolve_accelerator
+
+    model, tok, pre = build_from(run, what)
+    report = load_into(model, pre.state_dict or {}, "", pre.source)
+    if report["not_loaded"]:
+        raise CheckpointError(f"{what}={pre.source}: tensors missing from the checkpoint: {', '.join(report['not_loaded'][:5])}")
+    model.to("cuda" if resolve_accelerator(run) == "gpu" else "cpu").eval()
+    return model, tok, pre

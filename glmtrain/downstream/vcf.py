@@ -253,24 +253,10 @@ def score_vcf(model, tok: Tokenizer, vcf: str | Path, fasta: str | Path, out: st
 
 
 def run_score(run) -> dict:
-    from glmtrain.downstream.pretrained import load_pretrained, load_into
-    from glmtrain.models import build_model
-    from glmtrain.tokenizers import build_tokenizer
-    from omegaconf import OmegaConf
+    from glmtrain.downstream.pretrained import load_model
 
     task = run.task
-    if run.trainer.threads > 0:
-        torch.set_num_threads(run.trainer.threads)
-    pre = load_pretrained(task.init_from, run.model)
-    tok = build_tokenizer(OmegaConf.to_container(OmegaConf.structured(pre.model_cfg.tokenizer)))
-    model = build_model(pre.model_cfg, tok.vocab_size)
-    report = load_into(model, pre.state_dict, "", pre.source)
-    if report["not_loaded"]:
-        raise DataInputError(f"task.init_from={pre.source}: tensors missing from the checkpoint: {', '.join(report['not_loaded'][:5])}")
-    from glmtrain.train import resolve_accelerator
-
-    device = "cuda" if resolve_accelerator(run) == "gpu" else "cpu"
-    model.to(device).eval()
+    model, tok, pre = load_model(run)
     run_dir = Path(run.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     out = Path(task.out) if task.out else run_dir / "scores.tsv"
