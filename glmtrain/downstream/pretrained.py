@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from glmtrain.checkpointing import CheckpointError, read_meta, read_state_dict, resolve_checkpoint
+from glmtrain import ckpt_formats
+from glmtrain.checkpointing import CheckpointError, read_meta, resolve_checkpoint
 
 
 @dataclass
@@ -49,7 +50,7 @@ def load_pretrained(spec: str, composed_model_cfg: Any, what: str = "task.init_f
         cfg = _merge(config_class(model_raw["family"]), model_raw, "model.")
     except KeyError as e:
         raise CheckpointError(f"{what}={path}: {e.args[0]}") from None
-    sd = {k[len("model."):]: v for k, v in read_state_dict(path).items() if k.startswith("model.")}
+    sd = {k[len("model."):]: v for k, v in ckpt_formats.load_full(Path(path))["state_dict"].items() if k.startswith("model.")}
     if not sd:
         raise CheckpointError(f"{what}={path}: no model tensors in the checkpoint")
     return Pretrained(cfg, sd, str(path), int(meta.get("global_step", 0)))
