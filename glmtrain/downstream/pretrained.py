@@ -33,12 +33,16 @@ def load_pretrained(spec: str, composed_model_cfg: Any, what: str = "task.init_f
     if not spec:
         return Pretrained(composed_model_cfg, None, "random initialisation (no task.init_from)")
     if not Path(spec).exists():
-        raise CheckpointError(f"{what}={spec}: no such file or directory (a glmtrain run directory or checkpoint)")
+        raise CheckpointError(f"{what}={spec}: no such file or directory (a glmtrain run directory or checkpoint, "
+                              "or released weights)")
+    released = _load_released(spec, what)
+    if released is not None:
+        return released
     try:
         path = resolve_checkpoint(spec)
     except CheckpointError:
         raise CheckpointError(f"{what}={spec}: no readable glmtrain checkpoint there (a run directory or a "
-                              ".ckpt file; released weights must be imported first)") from None
+                              ".ckpt file, or released weights glmtrain.convert can import)") from None
     meta = read_meta(path)
     model_raw = dict((meta.get("fingerprint") or {}).get("model") or {})
     if "family" not in model_raw:
@@ -54,6 +58,25 @@ def load_pretrained(spec: str, composed_model_cfg: Any, what: str = "task.init_f
     if not sd:
         raise CheckpointError(f"{what}={path}: no model tensors in the checkpoint")
     return Pretrained(cfg, sd, str(path), int(meta.get("global_step", 0)))
+
+
+def _load_released(spec: str, what: str) -> Pretrained | None:
+    """Released weights (HyenaDNA, Evo 2, a Hugging Face export, ...) through :mod:`glmtrain.convert`, which
+    recognises the layout and builds the model config from the release; None for glmtrain's own checkpoints."""
+    import importlib.util
+
+    if importlib.util.find_spec("glmtrain.convert") is None:
+        return None
+    from glmtrain import convert
+
+    if not convert.is_released(spec):
+        return None
+    try:
+        imp = convert.load_released(spec)
+        model, cfg, _, _ = convert.build_imported_model(imp)
+    except convert.ConvertError as e:
+        raise CheckpointError(f"{what}={spec}: {e}") from None
+    return Pretrained(cfg, model.state_dict(), f"{spec} (imported, {imp.layout} layout)", 0)
 
 
 def load_into(module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, source: str) -> dict[str, list[str]]:
