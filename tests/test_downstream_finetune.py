@@ -9,14 +9,15 @@ import sys
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from glmtrain import cli
-from glmtrain.config import ConfigError
+from glmtrain.config import ConfigError, validate
 from glmtrain.downstream.data import read_split
 from glmtrain.downstream.metrics import binary_auroc, classification_metrics, mcc
 
 from _downstream import GUE_TINY, fabricate_run, one_thread  # noqa: F401  (autouse fixture)
-from _util import SHARED, compose_run
+from _util import SHARED, compose_cfg, compose_run
 
 GUE = SHARED / "data" / "benchmarks" / "gue"
 
@@ -61,27 +62,32 @@ def test_metrics_match_scikit_learn():
 
 
 # ----------------------------------------------------------------------------- configuration
-def test_finetune_config_errors_are_one_line(tmp_path, monkeypatch, capsys):
-    base = ["task=finetune", f"task.data_dir={GUE_TINY}"]
-    run = compose_run(base)
-    assert run.task.method == "lora" and run.run_dir == "runs/finetune/test"  # name=test (compose_run); default finetune-<data>-<method>
-    for extra, msg in [(["task.method=bitfit"], "task.method='bitfit': allowed values are full, probe"),
-                       (["strategy=ddp", "trainer.devices=2"], "task=finetune runs on one device"),
-                       (["task.lora.r=0"], "task.lora.r=0: must be >= 1"),
-                       (["+task.bogus=1"], "task.bogus: unknown key")]:
+def test_task_config_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    cfg = compose_cfg(["task=finetune", f"task.data_dir={GUE_TINY}"])
+    run = validate(cfg)
+    assert run.task.method == "lora" and run.run_dir == "runs/finetune/test"  # name=test (compose_cfg)
+    for changes, msg in [({"task.method": "bitfit"}, "task.method='bitfit': allowed values are full, probe"),
+                         ({"strategy.name": "ddp", "trainer.devices": 2}, "task=finetune runs on one device"),
+                         ({"task.lora.r": 0}, "task.lora.r=0: must be >= 1"),
+                         ({"task.bogus": 1}, "task.bogus: unknown key"),
+                         ({"task.data_dir": "???"}, "task.data_dir")]:
+        bad = cfg.copy()
+        OmegaConf.set_struct(bad, False)
+        for k, v in changes.items():
+            OmegaConf.update(bad, k, v, force_add=True)
         with pytest.raises(ConfigError, match=msg.replace("(", r"\(")) as e:
-            compose_run(base + extra)
+            validate(bad)
         assert "\n" not in str(e.value)
-    with pytest.raises(ConfigError, match="task.data_dir"):
-        compose_run(["task=finetune"])
-    # the CLI (in-process: a subprocess costs more than the check): exit status 2, one line on stderr, nothing written
-    monkeypatch.setattr(sys, "argv", ["glmtrain", "task=finetune", f"task.data_dir={GUE_TINY}", "task.method=bitfit",
+    # the CLI (in-process: a subprocess costs more than the check): a task's own error -> exit status 2,
+    # one line on stderr, nothing written
+    monkeypatch.setattr(sys, "argv", ["glmtrain", "task=score", f"task.init_from={tmp_path / 'absent'}",
+                                      f"task.vcf={tmp_path / 'v.vcf'}", f"task.fasta={tmp_path / 'r.fa'}",
                                       f"run_dir={tmp_path / 'x'}"])
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         cli.entry()
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.strip().count("\n") == 0 and "task.method='bitfit'" in err
+    assert e.value.code == 2 and err.strip().count("\n") == 0 and "task.init_from=" in err and "no such file" in err
     assert not (tmp_path / "x").exists()
 
 
