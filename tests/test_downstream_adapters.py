@@ -17,12 +17,17 @@ from _downstream import one_thread, task, tiny  # noqa: F401  (autouse fixture)
 FAMILIES = ["transformer", "encoder", "hyena", "evo2"]
 
 
-def build(family: str, **kw):
+def build(family: str, before: list | None = None, **kw):
+    """Classifier + method; ``before`` receives the logits of the unadapted classifier (autograd on, off)."""
     model, tok = tiny(family)
     spec = spec_for(model.cfg.family)
     clf = SequenceClassifier(model, spec.hidden_size(model), 2, "mean" if family in ("hyena", "encoder") else "last", 0.0)
-    applied = apply_method(clf, task(**kw), spec, model.cfg.name, max_steps=100, nucleotide_ids=tok.nucleotide_ids.tolist())
     ids = torch.as_tensor(tok.nucleotide_ids)[torch.randint(0, 4, (2, 24), generator=torch.Generator().manual_seed(1))]
+    if before is not None:
+        for grad_mode in (True, False):
+            with torch.set_grad_enabled(grad_mode):
+                before.append(clf.eval()(ids).logits.detach())
+    applied = apply_method(clf, task(**kw), spec, model.cfg.name, max_steps=100, nucleotide_ids=tok.nucleotide_ids.tolist())
     return applied, ids
 
 
@@ -69,7 +74,12 @@ def test_adapters_on_fused_operator_inputs_are_honoured(family, r):
     """Targets whose weights the fused Hyena/Evo 2 operators read directly (short featurizer conv,
     implicit-filter MLP, the memory-light MLP's fc2): with an adapter the module is called instead."""
     targets = ["short_conv"] + (["mlp.fc2", "filter.mlp.0", "filter.out"] if family == "hyena" else ["mlp.down"])
-    applied, ids = build(family, method="lora", target_modules=targets, **{"lora.r": r})
+    before: list = []
+    applied, ids = build(family, before, method="lora", target_modules=targets, **{"lora.r": r})
+    # LoRA starts as a zero update: the module-forward paths compute exactly what the fused paths did
+    for grad_mode, ref in zip((True, False), before):
+        with torch.set_grad_enabled(grad_mode):
+            assert torch.allclose(applied.net.eval()(ids).logits, ref, atol=1e-6, rtol=0)
     assert_every_adapter_matters(applied, ids, len(applied.targets))
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glmtrain.models.layers import interleaved_to_chunks
 from glmtrain.models.ops import fft_causal_conv, grouped_filter
 
 
@@ -37,15 +38,16 @@ class DecodeError(ValueError):
 
 
 def _causal_window(conv: nn.Module, tail: torch.Tensor | None, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Depthwise causal FIR over new inputs ``u`` [B, C, t] given the previous K-1 inputs ``tail``.
+    """The Hyena featurizer over new projection outputs ``u`` [B, 3c, t] (channel-interleaved rows, as the
+    conv module's weights are) given the previous K-1 of them in ``tail``.
 
     Calls the conv module (unpadded, so an adapter attached to it is honoured); returns (output
-    [B, C, t], new tail)."""
+    [B, 3c, t] in ``[post; pre; v]`` chunk order, new tail)."""
     k = conv.weight.shape[-1]
     if tail is None:
         tail = u.new_zeros(u.shape[0], u.shape[1], k - 1)
     window = torch.cat([tail, u], dim=-1)
-    y = conv(window)  # nn.Conv1d(padding=0): exactly t outputs
+    y = interleaved_to_chunks(conv(window))  # nn.Conv1d(padding=0): exactly t outputs
     return y, window[..., window.shape[-1] - (k - 1):] if k > 1 else window[..., :0]
 
 
@@ -75,7 +77,7 @@ class KVCache(_State):
     def step(self, mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         start = self._advance(t)
-        q, k, v = mod.qkv(x).view(b, t, 3, -1, mod.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = mod.heads(x)  # the module's own projection and layout
         cos, sin = self.cos[start:start + t], self.sin[start:start + t]
         q = mod.rope.rotate(q.float(), cos, sin).to(q.dtype)
         k = mod.rope.rotate(k.float(), cos, sin).to(k.dtype)
@@ -105,8 +107,7 @@ class HyenaCache(_State):
     def step(self, mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
         t = x.shape[1]
         start = self._advance(t)
-        z = mod.in_proj(x).transpose(1, 2)
-        zc, self.tail = _causal_window(mod.short_conv, self.tail, z)
+        zc, self.tail = _causal_window(mod.short_conv, self.tail, mod.in_proj(x).transpose(1, 2))
         post, pre, v = zc.to(self.k.dtype).chunk(3, dim=1)
         u = pre * v
         self.hist[..., start:start + t] = u
@@ -138,8 +139,7 @@ class Evo2MixerCache(_State):
     def step(self, mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
         t = x.shape[1]
         start = self._advance(t)
-        z = mod.proj(x).transpose(1, 2)
-        zc, self.tail = _causal_window(mod.short_conv, self.tail, z)
+        zc, self.tail = _causal_window(mod.short_conv, self.tail, mod.proj(x).transpose(1, 2))
         post, pre, v = zc.chunk(3, dim=1)
         u = pre * v
         if mod.kind == "hyena_li":

@@ -8,12 +8,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glmtrain.models.ops import causal_conv_forward, is_plain
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # compute in fp32 for bf16 stability, return the input dtype
@@ -112,25 +117,74 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, drop
     return y.transpose(1, 2).reshape(b, seq_len, -1)
 
 
+def split_interleaved(z: torch.Tensor, short_weight: torch.Tensor, short_bias: torch.Tensor | None):
+    """Channel-interleaved fused Hyena projection -> the operator's chunked layout.
+
+    Hyena projections d -> 3d (and their depthwise featurizer convolution) are stored
+    **channel-interleaved**: row ``3c + j`` is component ``j`` (0 = post, 1 = pre, 2 = v) of channel
+    ``c``, so that a tensor-parallel shard (a contiguous slice of channels) is a contiguous row slice,
+    with no permutation on sharding or on save/load.  The fused operators
+    (:func:`glmtrain.models.ops.hyena_gated_conv`) take ``[post; pre; v]`` chunks: ``z`` [B, L, 3c] is
+    turned into [B, 3c, L] chunk order in the one copy the channel-first layout needs anyway, and the
+    small featurizer filter is reordered alongside.
+    """
+    b, seq_len, c3 = z.shape
+    zc = z.view(b, seq_len, c3 // 3, 3).permute(0, 3, 2, 1).reshape(b, c3, seq_len)
+    k = short_weight.shape[-1]
+    w = short_weight.view(c3 // 3, 3, 1, k).transpose(0, 1).reshape(c3, 1, k)
+    bias = None if short_bias is None else short_bias.view(c3 // 3, 3).t().reshape(c3)
+    return zc, w, bias
+
+
+def interleaved_to_chunks(z: torch.Tensor) -> torch.Tensor:
+    """[B, 3c, L] in the channel-interleaved row order -> [B, 3c, L] in ``[post; pre; v]`` chunk order."""
+    b, c3, seq_len = z.shape
+    return z.view(b, c3 // 3, 3, seq_len).transpose(1, 2).reshape(b, c3, seq_len)
+
+
+def hyena_inputs(proj_out: torch.Tensor, short_conv: nn.Module):
+    """``(z, short_weight, short_bias)`` for the fused Hyena operators from the projection output [B, L, 3c].
+
+    A plain ``nn.Conv1d`` featurizer is left to the fused operator (its weights reordered by
+    :func:`split_interleaved`); an adapted one (``ops.is_plain`` False: a PEFT wrapper, a hook) is
+    applied here through its own forward, on the interleaved rows it was built for, and
+    ``(featurized z, None, None)`` is returned -- so an adapter on it is never bypassed."""
+    if is_plain(short_conv, nn.Conv1d):
+        return split_interleaved(proj_out, short_conv.weight, short_conv.bias)
+    return interleaved_to_chunks(causal_conv_forward(short_conv, proj_out.transpose(1, 2))), None, None
+
+
 def gpt2_init(model: nn.Module, std: float, n_layers: int, residual_suffixes: tuple[str, ...]) -> None:
     """GPT-2 initialisation: every Linear and Embedding N(0, std), biases 0, and the projections that
     write into the residual stream (module names ending in ``residual_suffixes``) scaled by
     1/sqrt(2 * n_layers)."""
-    scale = 1 / math.sqrt(2 * n_layers)
     for name, m in model.named_modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0.0, std * (scale if name.endswith(residual_suffixes) else 1.0))
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, 0.0, std)
+        gpt2_init_module(name, m, std, n_layers, residual_suffixes)
+
+
+def gpt2_init_module(name: str, m: nn.Module, std: float, n_layers: int, residual_suffixes: tuple[str, ...]) -> bool:
+    """:func:`gpt2_init` for one module (True if it is a Linear or an Embedding, which the rule covers)."""
+    if isinstance(m, nn.Linear):
+        scale = 1 / math.sqrt(2 * n_layers) if name.endswith(residual_suffixes) else 1.0
+        nn.init.normal_(m.weight, 0.0, std * scale)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+        return True
+    if isinstance(m, nn.Embedding):
+        nn.init.normal_(m.weight, 0.0, std)
+        return True
+    return False
 
 
 class RopeAttention(nn.Module):
     """Multi-head self-attention with a fused qkv projection, RoPE and :func:`attend`.
 
-    Shared by the Transformer baseline and Evo 2's attention blocks; tensor-parallel plans shard
-    ``qkv`` (column) and ``out`` (row) by name, and the head count is inferred from the local width.
+    Shared by the Transformer baseline and Evo 2's attention blocks.  The fused projection is laid
+    out **head-major**: output rows ``[h * 3 * head_dim + j * head_dim + i]`` hold component ``j``
+    (0 = q, 1 = k, 2 = v) of head ``h`` -- so any contiguous slice of whole heads is a complete
+    attention over those heads, and a tensor-parallel shard of ``qkv`` (column) is a contiguous row
+    slice, with no permutation on sharding or on save/load (checkpoints hold exactly this layout).
+    ``out`` is row-parallel; the head count is inferred from the local width.
     """
 
     def __init__(self, d_model: int, n_heads: int, *, causal: bool, qkv_bias: bool, out_bias: bool,
@@ -147,14 +201,20 @@ class RopeAttention(nn.Module):
         self.rope = RotaryEmbedding(self.head_dim, rope_base, rope_interpolation)
         self.flash = flash
 
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v [batch, heads, seq, head_dim] from the fused projection (RoPE not applied)."""
+        b, seq_len, _ = x.shape
+        # head-major layout (see the class docstring); -1 instead of n_heads: a tensor-parallel shard
+        # holds a subset of the heads
+        q, k, v = self.qkv(x).view(b, seq_len, -1, 3, self.head_dim).permute(3, 0, 2, 1, 4)
+        return q, k, v
+
     decode_state = None  # a KV cache, set by glmtrain.models.decode while decoding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.decode_state is not None:
             return self.decode_state.step(self, x)
-        b, seq_len, _ = x.shape
-        # -1 instead of n_heads lets a tensor-parallel plan shard heads without touching this code
-        q, k, v = self.qkv(x).view(b, seq_len, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = self.heads(x)
         q, k = self.rope(q, k)
         y = attend(q, k, v, self.causal, self.dropout if self.training else 0.0, self.flash)
         return self.out(y)

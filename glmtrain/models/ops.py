@@ -317,7 +317,7 @@ def hyena_gated_conv(
     ``fused=True`` runs it as one autograd function that saves only z, the
     short filter, k and D (recomputing the rest in backward); ``fused=False`` is
     the plain composition, kept as a reference for the tests.  ``short_weight=None``:
-    ``z`` is already featurized (see :func:`hyena_gated_conv_module`); plain composition.
+    ``z`` is already featurized (an adapted featurizer, see ``layers.hyena_inputs``); plain composition.
     """
     seq_len = z.shape[-1]
     if k.shape[-1] > seq_len:
@@ -331,15 +331,6 @@ def hyena_gated_conv(
         return (post.to(y.dtype) * y).to(out_dtype)
     with torch.autocast(device_type=z.device.type, enabled=False):
         return _HyenaGatedConv.apply(z, short_weight, short_bias, k.to(dt), D.to(dt), channel_chunk, out_dtype)
-
-
-def hyena_gated_conv_module(z: torch.Tensor, short_conv: torch.nn.Module, k: torch.Tensor, D: torch.Tensor,
-                            channel_chunk: int = 0, fused: bool = True) -> torch.Tensor:
-    """:func:`hyena_gated_conv` with the featurizer given as a module: the fused core reads the weights of
-    a plain ``nn.Conv1d``; an adapted one (see :func:`is_plain`) is called through its forward first."""
-    if is_plain(short_conv, torch.nn.Conv1d):
-        return hyena_gated_conv(z, short_conv.weight, short_conv.bias, k, D, channel_chunk, fused)
-    return hyena_gated_conv(causal_conv_forward(short_conv, z), None, None, k, D, channel_chunk, fused)
 
 
 # ----------------------------------------------------------------------------- memory-light MLP

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from glmtrain.models.base import GenomicModel, ModelConfig
-from glmtrain.models.layers import GeluMLP, RopeAttention, SwiGLU, gpt2_init, make_norm
+from glmtrain.models.layers import GeluMLP, RopeAttention, SwiGLU, gpt2_init, gpt2_init_module, make_norm
 from glmtrain.models.ops import flash_attn_func
 
 
@@ -78,8 +78,14 @@ class Transformer(GenomicModel):
             self.lm_head.weight = self.embed.weight
         self.reset_parameters()
 
+    RESIDUAL = ("attn.out", "mlp.fc2", "mlp.down")
+
     def reset_parameters(self) -> None:
-        gpt2_init(self, 0.02, self.cfg.n_layers, ("attn.out", "mlp.fc2", "mlp.down"))
+        gpt2_init(self, 0.02, self.cfg.n_layers, self.RESIDUAL)
+
+    def init_module(self, name: str, module: nn.Module) -> None:
+        if not gpt2_init_module(name, module, 0.02, self.cfg.n_layers, self.RESIDUAL):
+            super().init_module(name, module)
 
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.cfg.max_seq_len and input_ids.shape[1] > self.cfg.max_seq_len:
