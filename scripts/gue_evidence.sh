@@ -4,7 +4,7 @@
 # (../shared/data/README.md). Every step is an ordinary glmtrain command; results land in $OUT.
 #
 #   bash scripts/gue_evidence.sh                 # OUT=runs/gue-evidence, 400 fine-tuning steps per task
-#   STEPS=2000 PRETRAIN_S=3600 bash scripts/gue_evidence.sh
+#   STEPS=2000 PRETRAIN_S=7200 bash scripts/gue_evidence.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -12,7 +12,7 @@ OUT=${OUT:-runs/gue-evidence}
 GUE=${GUE:-../shared/data/benchmarks/gue}
 GENOMES=${GENOMES:-../shared/data/genomes}
 STEPS=${STEPS:-400}
-PRETRAIN_S=${PRETRAIN_S:-1500}
+PRETRAIN_S=${PRETRAIN_S:-4200}  # wall-clock cap of the pretraining (cumulative over reruns)
 METHOD=${METHOD:-full}
 THREADS=${THREADS:-0}
 TASKS=${TASKS:-"prom/prom_core_all tf/0 mouse/0"}
