@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from omegaconf import OmegaConf  # noqa: E402
 
 from glmtrain.downstream.config import FinetuneTask  # noqa: E402
-from glmtrain.downstream.families import spec_for  # noqa: E402
+from glmtrain.downstream.families import inspect_model  # noqa: E402
 from glmtrain.downstream.heads import SequenceClassifier  # noqa: E402
 from glmtrain.downstream.peft_methods import apply_method  # noqa: E402
 from glmtrain.downstream.vcf import score_vcf  # noqa: E402
@@ -48,9 +48,9 @@ def build(name: str):
 
 def finetune_rate(name: str, method: str, seq: int, batch: int, steps: int, device: str) -> dict:
     body, tok, cfg = build(name)
-    spec = spec_for(cfg.family)
-    clf = SequenceClassifier(body, spec.hidden_size(body), 2, "mean", 0.1)
-    applied = apply_method(clf, FinetuneTask(data_dir="-", method=method), spec, cfg.name, 1000, tok.nucleotide_ids.tolist())
+    anatomy = inspect_model(body, tok.nucleotide_ids.tolist(), cfg.family)
+    clf = SequenceClassifier(body, anatomy.hidden, 2, "mean", 0.1)
+    applied = apply_method(clf, FinetuneTask(data_dir="-", method=method), anatomy, cfg.name, 1000)
     net = applied.net.to(device).train()
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
     x = torch.as_tensor(tok.nucleotide_ids)[torch.randint(0, 4, (batch, seq))].to(device)

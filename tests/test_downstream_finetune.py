@@ -124,17 +124,17 @@ def test_finetune_from_run_directory(tmp_path, capsys):
     # the saved best weights reproduce the reported test metrics
     from safetensors.torch import load_file
 
-    from glmtrain.downstream.families import spec_for
+    from glmtrain.downstream.families import inspect_model
     from glmtrain.downstream.pretrained import build_from
     from glmtrain.downstream.heads import SequenceClassifier
     from glmtrain.downstream.peft_methods import apply_method
     from glmtrain.downstream.pretrained import load_into
 
     body, tok, pre = build_from(run)
-    spec = spec_for(pre.model_cfg.family)
-    clf = SequenceClassifier(body, 32, 2, result["pooling"], 0.1)
-    load_into(clf, pre.state_dict, "body.", pre.source)
-    applied = apply_method(clf, run.task, spec, "t", 6)
+    load_into(body, pre.state_dict, "", pre.source)
+    anatomy = inspect_model(body, tok.nucleotide_ids.tolist())
+    clf = SequenceClassifier(body, anatomy.hidden, 2, result["pooling"], 0.1)
+    applied = apply_method(clf, run.task, anatomy, "t", 6)
     best = load_file(tmp_path / "ft" / "best.safetensors")
     assert best and all("lora_" in k or "head" in k for k in best)
     applied.net.load_state_dict(best, strict=False)

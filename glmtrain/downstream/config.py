@@ -52,12 +52,12 @@ class FinetuneTask:
     # pretrained body: a glmtrain run directory or checkpoint; "" = random initialisation (a baseline)
     init_from: str = ""
     method: str = "lora"  # full | probe | lora | adalora | ia3 | prompt | adapter
-    pooling: str = "auto"  # auto (per family: glmtrain/downstream/families.py) | mean | last | cls
+    pooling: str = "auto"  # auto (last if causal, else mean; overrides: downstream/families.py POOLING) | mean | last | cls
     # adapter targets (lora/adalora/ia3): suffixes of module names; [] = the family's defaults
     target_modules: list[str] = field(default_factory=list)
     lora: LoraOptions = field(default_factory=LoraOptions)
     adalora: AdaLoraOptions = field(default_factory=AdaLoraOptions)
-    ia3_feedforward: list[str] = field(default_factory=list)  # [] = the family's MLP output projections
+    ia3_feedforward: list[str] = field(default_factory=list)  # [] = the contracting projections (MLP down)
     prompt_tokens: int = 16  # prompt: learned soft tokens prepended to the embeddings
     adapter_dim: int = 32  # adapter: bottleneck width of the adapter after every block
     head_dropout: float = 0.1

@@ -24,7 +24,7 @@ import torch
 from glmtrain.atomic import atomic_write
 from glmtrain.config import ConfigError, RunConfig, to_yaml
 from glmtrain.downstream.data import Encoded, collate, encode, length_buckets, read_split, train_loader
-from glmtrain.downstream.families import spec_for
+from glmtrain.downstream.families import Anatomy, inspect_model
 from glmtrain.downstream.heads import SequenceClassifier
 from glmtrain.downstream.metrics import classification_metrics
 from glmtrain.downstream.peft_methods import Applied, apply_method
@@ -32,13 +32,12 @@ from glmtrain.downstream.pretrained import build_from, describe_load, load_into
 from glmtrain.module import lr_lambda, param_groups
 
 
-def resolve_pooling(task: Any, family: str, causal: bool, tokenizer) -> str:
-    spec = spec_for(family)
+def resolve_pooling(task: Any, anatomy: Anatomy, tokenizer) -> str:
     pooling = task.pooling
     if pooling == "auto":
-        pooling = spec.pooling_causal if causal else spec.pooling_encoder
+        pooling = anatomy.default_pooling()
     if pooling == "cls":
-        if causal:
+        if anatomy.causal:
             raise ConfigError("task.pooling=cls: a causal model's first position sees nothing of the sequence; use last or mean")
         if tokenizer.cls_id is None:
             raise ConfigError(f"task.pooling=cls: the {tokenizer.name} tokenizer has no CLS token; use mean")
@@ -150,9 +149,11 @@ def run_finetune(run: RunConfig) -> dict:
         raise ConfigError(f"run_dir={run_dir} is a pretraining run directory; fine-tuning writes elsewhere (run_dir=...)")
     L.seed_everything(run.seed, workers=True, verbose=False)
     body, tok, pre = build_from(run)
-    spec = spec_for(pre.model_cfg.family)
-    causal = getattr(body, "causal", True)
-    pooling = resolve_pooling(task, pre.model_cfg.family, causal, tok)
+    report = {"loaded": [], "not_loaded": [], "unused": []}
+    if pre.state_dict is not None:  # the weights first: the inspection below reads real hidden states
+        report = {k: ["body." + n for n in v] for k, v in load_into(body, pre.state_dict, "", pre.source).items()}
+    anatomy = inspect_model(body, tok.nucleotide_ids.tolist(), pre.model_cfg.family, seed=run.seed)
+    pooling = resolve_pooling(task, anatomy, tok)
     prefix = [tok.cls_id] if pooling == "cls" else []
     splits = {}
     for split in ("train", "dev", "test"):
@@ -160,15 +161,13 @@ def run_finetune(run: RunConfig) -> dict:
         splits[split] = encode(seqs, labels, tok, prefix, with_rc=task.rc_average and split != "train",
                                where=f"task.data_dir {split}")
     n_classes = int(max(int(s.labels.max()) for s in splits.values()) + 1)
-    classifier = SequenceClassifier(body, spec.hidden_size(body), n_classes, pooling, task.head_dropout)
-    report = {"loaded": [], "not_loaded": [], "unused": []}
+    classifier = SequenceClassifier(body, anatomy.hidden, n_classes, pooling, task.head_dropout)
     if pre.state_dict is not None:
-        report = load_into(classifier, pre.state_dict, "body.", pre.source)
+        report["not_loaded"] = sorted(report["not_loaded"] + [n for n in classifier.state_dict() if not n.startswith("body.")])
         _say(describe_load(report, pre.source, pre.step))
     else:
         _say(f"body: {pre.model_cfg.name} from {pre.source}")
-    applied = apply_method(classifier, task, spec, pre.model_cfg.name, t.max_steps,
-                           nucleotide_ids=tok.nucleotide_ids.tolist(), seed=run.seed)
+    applied = apply_method(classifier, task, anatomy, pre.model_cfg.name, t.max_steps, seed=run.seed)
     n_train, n_total = applied.trainable()
     _say(f"task.method={task.method}: trainable parameters {n_train:,} of {n_total:,} ({100 * n_train / n_total:.2f} %)"
          + (f"; adapters on {len(applied.targets)} modules" if applied.targets else "")

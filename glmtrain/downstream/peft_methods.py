@@ -2,19 +2,22 @@
 
 * ``full``: every parameter trains;
 * ``probe``: the body is frozen (and kept in eval mode); only the head trains (linear probe);
-* ``lora`` / ``adalora`` / ``ia3``: ``peft`` adapters on the family's target modules
-  (:mod:`glmtrain.downstream.families`, or ``task.target_modules``), resolved against the built
-  model first: a name that matches nothing is refused with one line;
-* ``prompt``: prompt tuning -- ``task.prompt_tokens`` learned vectors prepended to the token
-  embeddings (a forward hook on the embedding).  Prepending suits every family: causal attention
-  and causal convolutions let every real position see the prefix, and RoPE / Hyena filters
-  depend only on relative positions, so the sequence itself is processed as before;
+* ``lora`` / ``adalora`` / ``ia3``: ``peft`` adapters on the linear layers that act on every token
+  inside the blocks (found by :func:`glmtrain.downstream.families.inspect_model`), or on
+  ``task.target_modules``; a name that matches nothing, or a module whose ``forward`` the model
+  never calls, is refused with one line;
+* ``prompt``: prompt tuning -- ``task.prompt_tokens`` learned vectors prepended to the hidden
+  states entering the first block (a forward pre-hook).  Prepending suits every family: causal
+  attention and causal convolutions let every real position see the prefix, and RoPE / Hyena
+  filters depend only on relative positions, so the sequence itself is processed as before;
 * ``adapter``: a bottleneck adapter after every block (Houlsby-style ``h + up(gelu(down(h)))``
   with ``up`` zero-initialised, so training starts from the pretrained function), attached with
-  forward hooks on the blocks.
+  forward hooks on the blocks (on the first output of a block that returns several).
 
 In every method except ``full`` the body's own weights stay frozen; ``task.train_body_norms``
-also trains its normalisation layers.  The head always trains.
+also trains its normalisation layers.  The head always trains.  After attaching, one tiny
+forward pass in training and one in inference mode check that every adapter is called
+(:func:`check_adapters_called`): an operator that bypassed a wrapped module would be refused here.
 """
 
 from __future__ import annotations
@@ -27,22 +30,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmtrain.config import ConfigError
-from glmtrain.downstream.families import FamilySpec
+from glmtrain.downstream.families import Anatomy, is_contracting
 
 PEFT_METHODS = ("lora", "adalora", "ia3")
 ADAPTER_MARKERS = (".lora_", ".ia3_l")  # peft parameter names: <module>.lora_A.default.weight, <module>.ia3_l.default
 
 
+def _replace_first(value: Any, new: torch.Tensor) -> Any:
+    return new if torch.is_tensor(value) else (new, *value[1:])
+
+
 class SoftPrompt(nn.Module):
-    """Learned tokens prepended to the embedding output (initialised from embeddings of real tokens)."""
+    """Learned vectors prepended to the hidden states entering the first block (initialised from real ones)."""
 
     def __init__(self, init: torch.Tensor):
         super().__init__()
         self.tokens = nn.Parameter(init.detach().clone())
 
-    def hook(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-        p = self.tokens.to(output.dtype).unsqueeze(0).expand(output.shape[0], -1, -1)
-        return torch.cat([p, output], dim=1)
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        p = self.tokens.to(h.dtype).unsqueeze(0).expand(h.shape[0], -1, -1)
+        return torch.cat([p, h], dim=1)
+
+    def pre_hook(self, module: nn.Module, args: tuple) -> tuple:
+        if not args or not torch.is_tensor(args[0]):
+            raise TypeError(f"{type(module).__name__} takes no positional hidden-state tensor; prompt tuning needs one")
+        return (self(args[0]), *args[1:])
 
 
 class BottleneckAdapter(nn.Module):
@@ -57,10 +69,14 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
-    def hook(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-        if not torch.is_tensor(output):
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.up(F.gelu(self.down(h.to(self.down.weight.dtype)))).to(h.dtype)
+
+    def hook(self, module: nn.Module, args: Any, output: Any) -> Any:
+        h = output if torch.is_tensor(output) else (output[0] if isinstance(output, (tuple, list)) and output else None)
+        if not torch.is_tensor(h):
             raise TypeError(f"{type(module).__name__} returns {type(output).__name__}; the bottleneck adapter needs a tensor")
-        return output + self.up(F.gelu(self.down(output.to(self.down.weight.dtype)))).to(output.dtype)
+        return _replace_first(output, self(h))
 
 
 @dataclass
@@ -85,33 +101,34 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
-def resolve_targets(classifier: nn.Module, spec: FamilySpec, requested: list[str], model_name: str) -> list[str]:
-    """Full module names (relative to the classifier) an adapter goes on; refuses a target that matches nothing."""
-    body = classifier.body
-    kinds = (nn.Linear, nn.Conv1d)
-    modules = {n: m for n, m in body.named_modules() if n and isinstance(m, kinds)}
-    blocks = spec.blocks + "."
-    in_blocks = [n for n in modules if n.startswith(blocks)]
-    adaptable = sorted({n.split(".", 2)[2] for n in in_blocks if n.count(".") >= 2})
-    if requested:
-        out = []
-        for pat in requested:
-            hit = [n for n in modules if _matches(n, pat)]
-            if not hit:
-                raise ConfigError(f"task.target_modules: {pat!r} matches no module of {model_name} (an adapter there "
-                                  f"would do nothing); adaptable names in the blocks: {', '.join(adaptable)}")
-            out += [n for n in hit if n not in out]
-    elif spec.adapter_targets:
-        out = [n for n in in_blocks if any(_matches(n, p) for p in spec.adapter_targets)]
-    else:  # generic family: every linear layer in the blocks
-        out = [n for n in in_blocks if isinstance(modules[n], nn.Linear)]
-    if not out:
-        raise ConfigError(f"task.method: no adapter target in {model_name} (family defaults "
-                          f"{list(spec.adapter_targets)} match nothing); set task.target_modules from: {', '.join(adaptable)}")
-    return ["body." + n for n in out]
+def resolve_targets(anatomy: Anatomy, requested: list[str], model_name: str) -> list[str]:
+    """Module names (relative to the body) an adapter goes on: ``requested`` (name suffixes) or the linear
+    layers acting on every token; refuses a name that matches nothing or a module never called."""
+    def short(n: str) -> str:
+        return n.split(".", 2)[2] if n.count(".") >= 2 else n
+
+    adaptable = ", ".join(sorted({short(n) for n in anatomy.called}))
+    if not requested:
+        if not anatomy.token_linears:
+            raise ConfigError(f"task.method: no linear layer of {model_name} acts on the tokens (an adapter would do "
+                              f"nothing); set task.target_modules from: {adaptable or 'none'}")
+        return list(anatomy.token_linears)
+    out: list[str] = []
+    for pat in requested:
+        bypassed = [n for n in anatomy.never_called if _matches(n, pat)]
+        if bypassed:
+            raise ConfigError(f"task.target_modules: {pat!r} ({bypassed[0]}) is never called through its forward in "
+                              f"{model_name} (its weights are read directly), so an adapter there would be ignored; "
+                              f"adaptable names in the blocks: {adaptable}")
+        hit = [n for n in anatomy.called if _matches(n, pat)]
+        if not hit:
+            raise ConfigError(f"task.target_modules: {pat!r} matches no module of {model_name} (an adapter there "
+                              f"would do nothing); adaptable names in the blocks: {adaptable}")
+        out += [n for n in hit if n not in out]
+    return out
 
 
-def _peft_config(method: str, task: Any, targets: list[str], spec: FamilySpec, max_steps: int):
+def _peft_config(method: str, task: Any, targets: list[str], contracting: list[str], max_steps: int):
     import peft
 
     if method == "lora":
@@ -126,8 +143,10 @@ def _peft_config(method: str, task: Any, targets: list[str], spec: FamilySpec, m
         return peft.AdaLoraConfig(init_r=a.init_r, target_r=a.target_r, tinit=tinit, tfinal=tfinal, deltaT=a.delta_t,
                                   lora_alpha=task.lora.alpha, lora_dropout=task.lora.dropout,
                                   orth_reg_weight=a.orth_reg_weight, total_step=max_steps, target_modules=targets)
-    ff_patterns = task.ia3_feedforward or list(spec.ia3_feedforward)
-    ff = [t for t in targets if any(_matches(t, p) for p in ff_patterns)]
+    if task.ia3_feedforward:
+        ff = [t for t in targets if any(_matches(t, p) for p in task.ia3_feedforward)]
+    else:
+        ff = contracting
     return peft.IA3Config(target_modules=targets, feedforward_modules=ff)
 
 
@@ -139,9 +158,34 @@ def _norm_params(body: nn.Module) -> list[nn.Parameter]:
     return out
 
 
-def apply_method(classifier: nn.Module, task: Any, spec: FamilySpec, model_name: str, max_steps: int,
-                 nucleotide_ids: list[int] | None = None, seed: int = 0) -> Applied:
-    """Freeze / adapt ``classifier`` (a :class:`~glmtrain.downstream.heads.SequenceClassifier`) for ``task.method``."""
+def check_adapters_called(net: nn.Module, sentinels: dict[str, nn.Module], ids: torch.Tensor, method: str) -> None:
+    """One forward pass with autograd in training mode and one without in eval mode (the fused operators
+    take different paths in each); every sentinel module (the adapter, or the module it wraps) must run."""
+    seen: set[str] = set()
+    handles = [m.register_forward_hook(lambda mod, a, o, n=n: seen.add(n)) for n, m in sentinels.items()]
+    was = net.training
+    try:
+        with torch.random.fork_rng(devices=[]):
+            for training in (True, False):
+                seen.clear()
+                net.train(training)
+                with torch.set_grad_enabled(training):
+                    net(ids)
+                missed = [n for n in sentinels if n not in seen]
+                if missed:
+                    raise ConfigError(f"task.method={method}: the adapter on {missed[0]} (and {len(missed) - 1} more) is "
+                                      f"never called in {'training' if training else 'inference'} mode -- the model reads "
+                                      "that module's weights directly; choose other task.target_modules")
+    finally:
+        net.train(was)
+        for h in handles:
+            h.remove()
+
+
+def apply_method(classifier: nn.Module, task: Any, anatomy: Anatomy, model_name: str, max_steps: int,
+                 seed: int = 0) -> Applied:
+    """Freeze / adapt ``classifier`` (a :class:`~glmtrain.downstream.heads.SequenceClassifier` over the body
+    ``anatomy`` describes) for ``task.method``."""
     method = task.method
     body = classifier.body
     if method == "full":
@@ -151,29 +195,39 @@ def apply_method(classifier: nn.Module, task: Any, spec: FamilySpec, model_name:
     for p in body.parameters():
         p.requires_grad_(False)
     applied = Applied(classifier, method)
+    sentinels: dict[str, nn.Module] = {}
     if method in PEFT_METHODS:
         import peft
 
-        targets = resolve_targets(classifier, spec, list(task.target_modules), model_name)
+        names = resolve_targets(anatomy, list(task.target_modules), model_name)
+        targets = ["body." + n for n in names]
+        contracting = ["body." + n for n in names if is_contracting(anatomy.called[n])]
         try:
-            net = peft.get_peft_model(classifier, _peft_config(method, task, targets, spec, max_steps))
+            net = peft.get_peft_model(classifier, _peft_config(method, task, targets, contracting, max_steps))
         except (ValueError, TypeError, NotImplementedError) as e:  # e.g. a module kind the method cannot adapt
             raise ConfigError(f"task.method={method}: {str(e).splitlines()[0]}") from None
         applied = Applied(net, method, targets, net.base_model if method == "adalora" else None)
+        # the peft layer that replaced each target: its forward applies the adapter
+        sentinels = {t: classifier.get_submodule(t) for t in targets}
     elif method == "prompt":
-        embed = getattr(body, spec.embed)
+        init = anatomy.first_block_input
+        if init is None:
+            raise ConfigError(f"task.method=prompt: the first block of {model_name} takes no hidden-state tensor")
         g = torch.Generator().manual_seed(seed)
-        pool_ids = torch.as_tensor(nucleotide_ids if nucleotide_ids is not None else range(embed.num_embeddings))
-        pick = pool_ids[torch.randint(len(pool_ids), (task.prompt_tokens,), generator=g)]
-        classifier.prompt = SoftPrompt(embed.weight[pick])
-        embed.register_forward_hook(classifier.prompt.hook)
-        applied.targets = [f"body.{spec.embed}"]
+        classifier.prompt = SoftPrompt(init[torch.randint(len(init), (task.prompt_tokens,), generator=g)])
+        first = body.get_submodule(anatomy.blocks)[0]
+        first.register_forward_pre_hook(classifier.prompt.pre_hook)
+        applied.targets = [f"body.{anatomy.blocks}.0"]
+        sentinels = {"prompt": classifier.prompt}
     elif method == "adapter":
-        blocks = getattr(body, spec.blocks)
-        classifier.adapters = nn.ModuleList(BottleneckAdapter(spec.hidden_size(body), task.adapter_dim) for _ in blocks)
+        blocks = body.get_submodule(anatomy.blocks)
+        if not all(anatomy.block_widths):
+            raise ConfigError(f"task.method=adapter: a block of {model_name} returns no hidden-state tensor to adapt")
+        classifier.adapters = nn.ModuleList(BottleneckAdapter(w, task.adapter_dim) for w in anatomy.block_widths)
         for block, adapter in zip(blocks, classifier.adapters):
             block.register_forward_hook(adapter.hook)
-        applied.targets = [f"body.{spec.blocks}.{i}" for i in range(len(blocks))]
+        applied.targets = [f"body.{anatomy.blocks}.{i}" for i in range(len(blocks))]
+        sentinels = {t: a for t, a in zip(applied.targets, classifier.adapters)}
     elif method == "probe":
         classifier.body_eval = True
         classifier.train(classifier.training)
@@ -184,6 +238,8 @@ def apply_method(classifier: nn.Module, task: Any, spec: FamilySpec, model_name:
     if task.train_body_norms and method != "probe":
         for p in _norm_params(body):
             p.requires_grad_(True)
+    if sentinels and anatomy.probe_ids is not None:
+        check_adapters_called(applied.net, sentinels, anatomy.probe_ids.to(next(body.parameters()).device), method)
     return applied
 
 
