@@ -53,7 +53,7 @@ class FinetuneTask:
     init_from: str = ""
     method: str = "lora"  # full | probe | lora | adalora | ia3 | prompt | adapter
     pooling: str = "auto"  # auto (last if causal, else mean; overrides: downstream/families.py POOLING) | mean | last | cls
-    # adapter targets (lora/adalora/ia3): suffixes of module names; [] = the family's defaults
+    # adapter targets (lora/adalora/ia3): suffixes of module names; [] = every linear layer acting on the tokens
     target_modules: list[str] = field(default_factory=list)
     lora: LoraOptions = field(default_factory=LoraOptions)
     adalora: AdaLoraOptions = field(default_factory=AdaLoraOptions)
