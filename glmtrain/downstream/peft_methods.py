@@ -153,7 +153,7 @@ def _peft_config(method: str, task: Any, targets: list[str], contracting: list[s
 def _norm_params(body: nn.Module) -> list[nn.Parameter]:
     out = []
     for m in body.modules():
-        if isinstance(m, nn.LayerNorm) or type(m).__name__ in ("RMSNorm",):
+        if isinstance(m, (nn.LayerNorm, nn.RMSNorm)) or type(m).__name__.endswith("Norm"):
             out += list(m.parameters())
     return out
 
