@@ -56,7 +56,7 @@ def fabricate_run(run_dir: Path, run, step: int = 5, seed: int = 0) -> Path:
     ckpt = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "global_step": step,
             "optimizer_states": [], "loops": {},
             "glmtrain": {"consumed_samples": 0, "fingerprint": compat_fingerprint(run), "world_size": 1}}
-    path = run_dir / "checkpoints" / f"step={step:08d}.ckpt"
+    path = run_dir / "checkpoints" / f"step-{step:08d}.ckpt"
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt, path)
     return path

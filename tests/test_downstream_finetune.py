@@ -78,6 +78,15 @@ def test_task_config_errors_are_one_line(tmp_path, monkeypatch, capsys):
         with pytest.raises(ConfigError, match=msg.replace("(", r"\(")) as e:
             validate(bad)
         assert "\n" not in str(e.value)
+    # settings typed on the command line that a downstream task would ignore are refused
+    with_ckpt = cfg.copy()
+    OmegaConf.update(with_ckpt, "task.init_from", str(tmp_path), force_add=True)
+    for given, msg in [({"model.d_model"}, "model.d_model has no effect with task=finetune: the architecture comes from"),
+                       ({"objective", "trainer.max_steps"}, "objective has no effect with task=finetune"),
+                       ({"data.window"}, "data.window has no effect with task=finetune")]:
+        with pytest.raises(ConfigError, match=msg):
+            validate(with_ckpt, given=given)
+    validate(with_ckpt, given={"model", "task.init_from", "trainer.max_steps"})  # the group choice is fine
     # the CLI (in-process: a subprocess costs more than the check): a task's own error -> exit status 2,
     # one line on stderr, nothing written
     monkeypatch.setattr(sys, "argv", ["glmtrain", "task=score", f"task.init_from={tmp_path / 'absent'}",

@@ -21,6 +21,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from glmtrain.downstream.run import claim_run_dir, releases_run_dir
 from glmtrain.atomic import atomic_write
 from glmtrain.config import ConfigError, RunConfig, to_yaml
 from glmtrain.downstream.data import Encoded, collate, encode, length_buckets, read_split, train_loader
@@ -139,6 +140,7 @@ def _say(msg: str) -> None:
     print(f"glmtrain: {msg}", flush=True)
 
 
+@releases_run_dir
 def run_finetune(run: RunConfig) -> dict:
     t0 = time.perf_counter()
     task, t = run.task, run.trainer
@@ -175,7 +177,9 @@ def run_finetune(run: RunConfig) -> dict:
 
     from glmtrain.train import build_logger, resolve_accelerator, resolve_precision
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    claim_run_dir(run_dir)
+    if (run_dir / "metrics.json").exists():  # again, under the lock: another run may have finished meanwhile
+        raise ConfigError(f"run_dir={run_dir} already holds a finished fine-tuning (metrics.json); choose another run_dir")
     (run_dir / "config.yaml").write_text(to_yaml(run))
     (run_dir / "load_report.json").write_text(json.dumps({"source": pre.source, "step": pre.step, **report}, indent=1) + "\n")
     accelerator = resolve_accelerator(run)

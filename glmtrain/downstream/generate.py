@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from glmtrain.downstream.run import claim_run_dir, releases_run_dir
 from glmtrain.tokenizers import Tokenizer
 
 _CODE = np.full(256, 4, dtype=np.int64)
@@ -110,6 +111,7 @@ def write_fasta(path: Path, samples: list[str], header: str) -> None:
             f.write((f">sample_{i} {header} gc={gc_content(s):.3f}\n" + "\n".join(lines) + "\n").encode())
 
 
+@releases_run_dir
 def run_generate(run) -> dict:
     from glmtrain.data.fasta import DataInputError
     from glmtrain.data.genome import GenomeDataModule
@@ -134,7 +136,7 @@ def run_generate(run) -> dict:
                   "top_p": task.top_p, "seed": task.seed, "cached": task.cached, "new_tokens_per_s": round(tok_s, 1),
                   "reference_data": run.data.name})
     run_dir = Path(run.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    claim_run_dir(run_dir)
     out = Path(task.out) if task.out else run_dir / "samples.fa"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_fasta(out, samples, f"model={pre.model_cfg.name} T={task.temperature} top_k={task.top_k} "

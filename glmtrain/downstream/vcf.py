@@ -31,6 +31,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from glmtrain.downstream.run import claim_run_dir, releases_run_dir
 from glmtrain.data.fasta import DataInputError, open_fasta
 from glmtrain.tokenizers import Tokenizer, TokenizerError
 
@@ -252,13 +253,14 @@ def score_vcf(model, tok: Tokenizer, vcf: str | Path, fasta: str | Path, out: st
     return summary
 
 
+@releases_run_dir
 def run_score(run) -> dict:
     from glmtrain.downstream.pretrained import load_model
 
     task = run.task
     model, tok, pre = load_model(run)
     run_dir = Path(run.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    claim_run_dir(run_dir)
     out = Path(task.out) if task.out else run_dir / "scores.tsv"
     summary = score_vcf(model, tok, task.vcf, task.fasta, out, task.window, task.method, task.batch_size, task.strict)
     summary["init_from"] = pre.source
