@@ -85,6 +85,18 @@ def test_generate_command_writes_fasta_and_stats(tmp_path, capsys):
     run = compose_run(["task=generate", f"task.init_from={tmp_path / 'pre'}", *data, "task.num_samples=3",
                        "task.length=50", "task.batch_size=2", "task.top_p=0.95", "task.stats_k=3", "task.prompt=ACGTTG",
                        f"run_dir={tmp_path / 'gen'}"])
+    # one run per run directory (glmtrain.locks): a run held by another process is refused before writing
+    from glmtrain.locks import LockBusy
+    from test_locks import _holder
+
+    holder = _holder(tmp_path / "gen")
+    try:
+        with pytest.raises(LockBusy, match=f"is in use by pid {holder.pid}"):
+            run_generate(run)
+        assert [p.name for p in (tmp_path / "gen").iterdir()] == [".glmtrain.lock"]
+    finally:
+        holder.kill()
+        holder.wait(30)
     stats = run_generate(run)
     fasta = (tmp_path / "gen" / "samples.fa").read_text().split("\n")
     headers = [line for line in fasta if line.startswith(">")]
