@@ -170,7 +170,10 @@ def check_adapters_called(net: nn.Module, sentinels: dict[str, nn.Module], ids: 
                 seen.clear()
                 net.train(training)
                 with torch.set_grad_enabled(training):
-                    net(ids)
+                    try:
+                        net(ids)
+                    except TypeError as e:  # a hook met a block it cannot adapt (see SoftPrompt / BottleneckAdapter)
+                        raise ConfigError(f"task.method={method}: {e}") from None
                 missed = [n for n in sentinels if n not in seen]
                 if missed:
                     raise ConfigError(f"task.method={method}: the adapter on {missed[0]} (and {len(missed) - 1} more) is "
