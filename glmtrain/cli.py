@@ -132,6 +132,18 @@ def run_config(cfg: DictConfig) -> None:
         check(run)  # every stage against data, model, strategy and world size
     except ConfigError as e:
         _fail(f"config: {e}")
+    if run.task.name != "pretrain":  # finetune | score | generate (glmtrain/downstream)
+        from glmtrain.downstream.run import run_task
+        from glmtrain.locks import LockBusy
+        from glmtrain.tokenizers import TokenizerError
+
+        try:
+            run_task(run)
+        except (DataInputError, CheckpointError, ConfigError, TokenizerError, LockBusy) as e:
+            _fail(str(e))
+        except OSError as e:
+            _fail(environment_error(e, run.run_dir))
+        return
     from glmtrain.cluster import FLAG
     from glmtrain.faults import NumericalFault
     from glmtrain.locks import LockBusy

@@ -16,6 +16,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from glmtrain.downstream import config as _task_config  # noqa: F401  (registers the ${basename:} resolver)
 from glmtrain.models import config_class, family_names
 
 
@@ -242,6 +243,7 @@ class RunConfig:
     seed: int = 1234
     name: str = "default"
     run_dir: str = "runs/default"
+    task: Any = None  # validated against the task's own dataclass (glmtrain/downstream/config.py)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -326,6 +328,7 @@ def validate(cfg: DictConfig | dict, given: set[str] | None = None) -> RunConfig
         raw = dict(cfg)
     raw = dict(raw)
     model_raw = raw.pop("model", None)
+    task_raw = raw.pop("task", None) or {"name": "pretrain"}
     raw.pop("hydra", None)
     if not isinstance(model_raw, dict) or "family" not in model_raw:
         raise ConfigError(f"model: choose a model (model=<name>); families: {', '.join(family_names())}")
@@ -340,10 +343,27 @@ def validate(cfg: DictConfig | dict, given: set[str] | None = None) -> RunConfig
         value = _get(run, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r}: allowed values are {', '.join(allowed)}")
-    _check_combinations(run)
+    run.task = _validate_task(task_raw)
+    if run.task.name == "pretrain":
+        _check_combinations(run)
+    else:  # the objective does not apply; the model may come from the checkpoint (glmtrain.downstream)
+        from glmtrain.downstream.run import check_run
+
+        check_run(run, given or set())
     if given:
         _check_inert(run, given)
     return run
+
+
+def _validate_task(task_raw: Any) -> Any:
+    from glmtrain.downstream.config import TASKS, check_task
+
+    name = task_raw.get("name") if isinstance(task_raw, dict) else None
+    if name not in TASKS:
+        raise ConfigError(f"task.name={name!r}: allowed values are {', '.join(TASKS)} (choose with task=<name>)")
+    task = _merge(TASKS[name], task_raw, "task.")
+    check_task(task)
+    return task
 
 
 def _check_combinations(run: RunConfig) -> None:

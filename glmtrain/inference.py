@@ -4,19 +4,18 @@ Works with any causal :class:`~glmtrain.models.base.GenomicModel` (``forward(ids
 logits [B, L, V]``): the Transformer baseline, HyenaDNA and the Evo 2-style
 StripedHyena 2.
 
-Generation recomputes the full forward pass for every new token (optionally
-over the last ``max_context`` tokens only).  That is exact for every family --
-the Hyena filters are defined per position, not per length, so the logits of a
-prefix do not depend on how long the input is -- but it costs
-O(steps * L log L).  A recurrent decoder (the Hyena-LI modal filter has an
-exact O(state) recurrence, see :meth:`glmtrain.models.evo2.ModalFilter.forward_recurrent`;
-explicit SE/MR filters need a FIR cache; attention a KV cache) is the natural
-next step and would slot in behind :func:`generate`.
+Generation decodes with a cache by default (:mod:`glmtrain.models.decode`: a KV cache for
+attention, FIR states for short/explicit filters, the recurrent form of Evo 2's modal filters and
+a direct-convolution history for HyenaDNA's implicit filters), so a new token costs O(L) (Hyena)
+or O(state) (modal filter) instead of a full O(L log L) forward pass.  ``cached=False`` (or
+``max_context`` > 0, a sliding window) recomputes the whole forward pass for every token; that is
+exact for every family -- the Hyena filters are defined per position, not per length -- and is
+the reference the cached decoder is tested against.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -125,6 +124,38 @@ def _filter_logits(logits: torch.Tensor, top_k: int, allowed_ids: torch.Tensor |
     return logits
 
 
+def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering: keep the smallest set of most likely tokens whose probability reaches ``top_p``."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = F.softmax(sorted_logits, dim=-1)
+    before = probs.cumsum(-1) - probs  # mass strictly above each token: the top token always stays
+    drop = before >= top_p
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                allowed_ids: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from next-token logits [B, V]: allowed ids, top-k, then temperature and top-p."""
+    logits = _filter_logits(logits.float(), top_k, allowed_ids)
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = F.softmax(_top_p(logits / temperature, top_p), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def supports_cache(model) -> bool:
+    """Whether :func:`glmtrain.models.decode.decoding` covers every block of ``model``."""
+    from glmtrain.models.decode import DecodeError, cached_mixers
+
+    try:
+        cached_mixers(model)
+        return getattr(model, "causal", True)
+    except DecodeError:
+        return False
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -136,14 +167,19 @@ def generate(
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
     max_context: int = 0,
+    top_p: float = 1.0,
+    cached: bool | None = None,
 ) -> torch.Tensor:
     """Sample ``max_new_tokens`` after ``prompt_ids`` [B, P]; returns [B, P + max_new_tokens].
 
     ``temperature <= 0`` is greedy decoding (argmax); as temperature -> 0 sampling
-    converges to it.  ``top_k`` > 0 keeps the k most likely tokens;
+    converges to it.  ``top_k`` > 0 keeps the k most likely tokens; ``top_p`` < 1
+    keeps the nucleus of that much probability (after temperature);
     ``allowed_ids`` restricts the vocabulary (e.g. ``tokenizer.nucleotide_ids``
     for plain ACGT).  Once a row emits ``eos_id`` it keeps emitting it.
-    ``max_context`` > 0 conditions on the last ``max_context`` tokens only.
+    ``max_context`` > 0 conditions on the last ``max_context`` tokens only (full recomputation).
+    ``cached``: decode with per-mixer states (default: whenever the model supports it and
+    ``max_context`` is 0); False recomputes the whole forward pass for every token.
     """
     _require_causal(model)
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
@@ -151,22 +187,31 @@ def generate(
     allowed = None
     if allowed_ids is not None:
         allowed = torch.as_tensor(list(allowed_ids) if not torch.is_tensor(allowed_ids) else allowed_ids, dtype=torch.long, device=prompt_ids.device)
+    if cached is None:
+        cached = not max_context and supports_cache(model)
+    elif cached and max_context:
+        raise ValueError("cached decoding conditions on the whole prefix; max_context needs cached=False")
     ids = prompt_ids
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    with _eval_mode(model):
-        for _ in range(max_new_tokens):
-            ctx = ids[:, -max_context:] if max_context else ids
-            logits = _filter_logits(model(ctx)[:, -1].float(), top_k, allowed)
-            if temperature <= 0:
-                nxt = logits.argmax(-1)
-            else:
-                probs = F.softmax(logits / temperature, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    with _eval_mode(model), (_cached(model, ids.shape[0], ids.shape[1] + max_new_tokens) if cached else nullcontext()):
+        logits = model(ids)[:, -1] if cached and max_new_tokens else None  # prefill
+        for i in range(max_new_tokens):
+            if not cached:
+                logits = model(ids[:, -max_context:] if max_context else ids)[:, -1]
+            nxt = sample_next(logits, temperature, top_k, top_p, allowed, generator)
             if eos_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
                 done |= nxt == eos_id
             ids = torch.cat([ids, nxt[:, None]], dim=1)
+            if cached and i + 1 < max_new_tokens:
+                logits = model(nxt[:, None])[:, -1]
     return ids
+
+
+def _cached(model, batch: int, max_len: int):
+    from glmtrain.models.decode import decoding
+
+    return decoding(model, batch, max_len)
 
 
 def generate_dna(model, tokenizer, prompt: str, max_new_tokens: int, **kwargs) -> str:
@@ -178,4 +223,5 @@ def generate_dna(model, tokenizer, prompt: str, max_new_tokens: int, **kwargs) -
     return tokenizer.decode(out[0].tolist())
 
 
-__all__ = ["token_log_probs", "sequence_log_likelihood", "score_sequences", "generate", "generate_dna"]
+__all__ = ["token_log_probs", "sequence_log_likelihood", "score_sequences", "generate", "generate_dna", "sample_next",
+           "supports_cache"]

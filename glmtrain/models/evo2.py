@@ -58,7 +58,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from glmtrain.models.base import GenomicModel, ModelConfig
-from glmtrain.models.layers import RMSNorm, RopeAttention, SwiGLU, gpt2_init, gpt2_init_module, split_interleaved
+from glmtrain.models.layers import RMSNorm, RopeAttention, SwiGLU, gpt2_init, gpt2_init_module, hyena_inputs
 from glmtrain.models.ops import (
     direct_causal_conv,
     fft_causal_conv,
@@ -301,6 +301,8 @@ class ModalFilter(nn.Module):
 class HyenaMixer(nn.Module):
     """Projection -> featurizer conv -> gated inner filter (SE / MR / LI) -> output projection."""
 
+    decode_state = None  # set by glmtrain.models.decode while decoding with a cache
+
     def __init__(self, cfg: Evo2Config, kind: str):
         super().__init__()
         d = cfg.d_model
@@ -319,14 +321,16 @@ class HyenaMixer(nn.Module):
         self.out = nn.Linear(d, d, bias=cfg.hyena_out_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.decode_state is not None:
+            return self.decode_state.step(self, x)
         seq_len = x.shape[1]
         # proj / short_conv rows are channel-interleaved (tensor-parallel-native; layers.split_interleaved)
-        z, w_short, b_short = split_interleaved(self.proj(x), self.short_conv.weight, self.short_conv.bias)
+        z, w_short, b_short = hyena_inputs(self.proj(x), self.short_conv)  # an adapted short_conv is called
         if self.kind == "hyena_li":
             k = grouped_filter(self.filter.materialize(seq_len, torch.float64 if z.dtype == torch.float64 else torch.float32), self.cfg.d_model)
             y = hyena_gated_conv(z, w_short, b_short, k, self.filter.D, self.cfg.fft_channel_chunk)
         else:
-            zc = short_causal_conv(z, w_short, b_short)
+            zc = z if w_short is None else short_causal_conv(z, w_short, b_short)
             post, pre, v = zc.chunk(3, dim=1)
             y = post * self.filter(pre * v)
         return self.out(y.transpose(1, 2))

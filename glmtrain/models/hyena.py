@@ -46,8 +46,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from glmtrain.models.base import GenomicModel, ModelConfig
-from glmtrain.models.layers import gpt2_init, gpt2_init_module, split_interleaved
-from glmtrain.models.ops import gelu_linear, hyena_gated_conv
+from glmtrain.models.layers import gpt2_init, gpt2_init_module, hyena_inputs
+from glmtrain.models.ops import gelu_linear_module, hyena_gated_conv, is_plain
 
 
 @dataclass
@@ -172,12 +172,19 @@ class ImplicitFilter(nn.Module):
         h = z
         # The filter is computed in fp32 even when the parameters are stored in bf16 (FSDP2
         # mixed precision, bf16-true): casting the weights keeps 1M-position features exact.
+        # An adapted layer (PEFT) is called through its forward instead (ops.is_plain).
         for lin in self.mlp:
-            h = self.act(F.linear(h, lin.weight.to(dt), None if lin.bias is None else lin.bias.to(dt)))
-        h = F.linear(h, self.out.weight.to(dt))  # [n, d]
+            h = self.act(self._linear(lin, h, dt))
+        h = self._linear(self.out, h, dt)  # [n, d]
         if self.deltas is not None:
             h = h * (torch.exp(-t * self.deltas.abs()[None, :]) + self.cfg.modulation_shift)
         return h
+
+    @staticmethod
+    def _linear(lin: nn.Module, h: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+        if is_plain(lin, nn.Linear):
+            return F.linear(h, lin.weight.to(dt), None if lin.bias is None else lin.bias.to(dt))
+        return lin(h.to(lin.weight.dtype)).to(dt)
 
     def forward(self, seq_len: int) -> torch.Tensor:
         """Filter [d, L] in fp32 (autocast disabled)."""
@@ -198,6 +205,8 @@ class ImplicitFilter(nn.Module):
 
 
 class HyenaOperator(nn.Module):
+    decode_state = None  # set by glmtrain.models.decode while decoding with a cache
+
     def __init__(self, cfg: HyenaConfig):
         super().__init__()
         self.cfg = cfg
@@ -209,9 +218,11 @@ class HyenaOperator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, L, d] -> [B, L, d]."""
+        if self.decode_state is not None:
+            return self.decode_state.step(self, x)
         seq_len = x.shape[1]
         # in_proj / short_conv rows are channel-interleaved (tensor-parallel-native; layers.split_interleaved)
-        z, w_short, b_short = split_interleaved(self.in_proj(x), self.short_conv.weight, self.short_conv.bias)
+        z, w_short, b_short = hyena_inputs(self.in_proj(x), self.short_conv)  # an adapted short_conv is called
         k = self.filter(seq_len)
         y = hyena_gated_conv(
             z, w_short, b_short, k, self.filter.bias,
@@ -231,8 +242,8 @@ class HyenaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)
-        if self.recompute_gelu and torch.is_grad_enabled():
-            return gelu_linear(h, self.fc2.weight, self.fc2.bias, "tanh")
+        if self.recompute_gelu:
+            return gelu_linear_module(h, self.fc2, "tanh")  # fc2 called through forward when adapted
         return self.fc2(F.gelu(h, approximate="tanh"))
 
 

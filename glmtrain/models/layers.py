@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glmtrain.models.ops import causal_conv_forward, is_plain
+
 
 class RMSNorm(nn.Module):
     """RMS normalisation with a learned scale, computed in (at least) fp32.
@@ -164,6 +166,24 @@ def split_interleaved(z: torch.Tensor, short_weight: torch.Tensor, short_bias: t
     return zc, w, bias
 
 
+def interleaved_to_chunks(z: torch.Tensor) -> torch.Tensor:
+    """[B, 3c, L] in the channel-interleaved row order -> [B, 3c, L] in ``[post; pre; v]`` chunk order."""
+    b, c3, seq_len = z.shape
+    return z.view(b, c3 // 3, 3, seq_len).transpose(1, 2).reshape(b, c3, seq_len)
+
+
+def hyena_inputs(proj_out: torch.Tensor, short_conv: nn.Module):
+    """``(z, short_weight, short_bias)`` for the fused Hyena operators from the projection output [B, L, 3c].
+
+    A plain ``nn.Conv1d`` featurizer is left to the fused operator (its weights reordered by
+    :func:`split_interleaved`); an adapted one (``ops.is_plain`` False: a PEFT wrapper, a hook) is
+    applied here through its own forward, on the interleaved rows it was built for, and
+    ``(featurized z, None, None)`` is returned -- so an adapter on it is never bypassed."""
+    if is_plain(short_conv, nn.Conv1d):
+        return split_interleaved(proj_out, short_conv.weight, short_conv.bias)
+    return interleaved_to_chunks(causal_conv_forward(short_conv, proj_out.transpose(1, 2))), None, None
+
+
 def gpt2_init(model: nn.Module, std: float, n_layers: int, residual_suffixes: tuple[str, ...]) -> None:
     """GPT-2 initialisation: every Linear and Embedding N(0, std), biases 0, and the projections that
     write into the residual stream (module names ending in ``residual_suffixes``) scaled by
@@ -220,7 +240,11 @@ class RopeAttention(nn.Module):
         q, k, v = self.qkv(x).view(b, seq_len, -1, 3, self.head_dim).permute(3, 0, 2, 1, 4)
         return q, k, v
 
+    decode_state = None  # a KV cache, set by glmtrain.models.decode while decoding
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.decode_state is not None:
+            return self.decode_state.step(self, x)
         q, k, v = self.heads(x)
         q, k = self.rope(q, k)
         y = attend(q, k, v, self.causal, self.dropout if self.training else 0.0, self.flash)

@@ -316,15 +316,16 @@ def hyena_gated_conv(
 
     ``fused=True`` runs it as one autograd function that saves only z, the
     short filter, k and D (recomputing the rest in backward); ``fused=False`` is
-    the plain composition, kept as a reference for the tests.
+    the plain composition, kept as a reference for the tests.  ``short_weight=None``:
+    ``z`` is already featurized (an adapted featurizer, see ``layers.hyena_inputs``); plain composition.
     """
     seq_len = z.shape[-1]
     if k.shape[-1] > seq_len:
         k = k[..., :seq_len]
     dt = _compute_dtype(z, k)
     out_dtype = z.dtype if z.dtype != torch.float32 or dt == torch.float32 else dt
-    if not fused:
-        zc = short_causal_conv(z, short_weight, short_bias)
+    if not fused or short_weight is None:
+        zc = z if short_weight is None else short_causal_conv(z, short_weight, short_bias)
         post, pre, v = zc.chunk(3, dim=1)
         y = fft_causal_conv(pre * v, k, D, channel_chunk)
         return (post.to(y.dtype) * y).to(out_dtype)
@@ -369,6 +370,37 @@ class _GeluLinear(torch.autograd.Function):
 def gelu_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str = "tanh") -> torch.Tensor:
     """``F.linear(F.gelu(h), weight, bias)`` with the GELU output recomputed in backward."""
     return _GeluLinear.apply(h, weight, bias, approximate)
+
+
+def gelu_linear_module(h: torch.Tensor, linear: torch.nn.Module, approximate: str = "tanh") -> torch.Tensor:
+    """``linear(gelu(h))``: memory-light (:func:`gelu_linear`) for a plain ``nn.Linear`` under autograd,
+    the module's own forward otherwise (an adapter on ``linear`` is never bypassed, see :func:`is_plain`)."""
+    if torch.is_grad_enabled() and is_plain(linear, torch.nn.Linear):
+        return _GeluLinear.apply(h, linear.weight, linear.bias, approximate)
+    return linear(F.gelu(h, approximate=approximate))
+
+
+# ----------------------------------------------------------------------------- adapters
+
+
+def is_plain(module: torch.nn.Module, cls: type) -> bool:
+    """True when ``module`` is exactly ``cls`` with no forward hooks or parametrizations.
+
+    Fused operators (:func:`hyena_gated_conv`, :func:`gelu_linear`, the fp32 implicit filter) read
+    a module's ``weight`` instead of calling it, which is exact only for the plain module.  Anything
+    that changes what the module computes -- a PEFT adapter (LoRA/AdaLoRA/IA3 replace the module by
+    a wrapper class), a parametrization (changes the class), a hook -- makes this False, and the
+    callers then call the module through ``forward`` so that the change is never silently bypassed.
+    """
+    return type(module) is cls and not module._forward_hooks and not module._forward_pre_hooks
+
+
+def causal_conv_forward(conv: torch.nn.Module, u: torch.Tensor) -> torch.Tensor:
+    """Depthwise causal convolution through a conv module: the plain ``nn.Conv1d`` goes to
+    :func:`short_causal_conv` (optional CUDA kernel); an adapted one is called (left-padded)."""
+    if is_plain(conv, torch.nn.Conv1d):
+        return short_causal_conv(u, conv.weight, conv.bias)
+    return conv(F.pad(u, (conv.weight.shape[-1] - 1, 0)))
 
 
 # ----------------------------------------------------------------------------- misc
