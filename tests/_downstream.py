@@ -9,7 +9,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from glmtrain.config import compat_fingerprint
 from glmtrain.downstream.config import FinetuneTask
 from glmtrain.models import FAMILIES
 from glmtrain.models.evo2 import Evo2, Evo2Config
@@ -65,12 +64,16 @@ def fabricate_run(run_dir: Path, run, step: int = 5, seed: int = 0) -> Path:
     for tests that need a starting checkpoint without paying for a pretraining run."""
     from glmtrain.models import build_model
 
+    from glmtrain.schedule import compat, resolve
+
+    sch = resolve(run, dp=1)
     torch.manual_seed(seed)
     tok = build_tokenizer({"kind": run.model.tokenizer.kind, "lowercase": run.model.tokenizer.lowercase})
     model = build_model(run.model, tok.vocab_size)
     ckpt = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "global_step": step,
             "optimizer_states": [], "loops": {},
-            "glmtrain": {"consumed_samples": 0, "fingerprint": compat_fingerprint(run), "world_size": 1}}
+            "glmtrain": {"consumed_samples": 0, "stage": 0, "offset": 0, "compat": compat(run, sch, sch.stages[0]),
+                         "world_size": 1}}
     path = run_dir / "checkpoints" / f"step-{step:08d}.ckpt"
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt, path)

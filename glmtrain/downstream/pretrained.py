@@ -1,6 +1,7 @@
 """Starting weights for the downstream tasks: a glmtrain run directory / checkpoint, or nothing.
 
-The architecture comes from the checkpoint (its config fingerprint holds the full model config),
+The architecture comes from the checkpoint (its compatibility record holds the model config without
+its speed-only knobs, and the per-stage knobs of the stage it was written in),
 so ``task.init_from=<run dir>`` is all a user gives; the composed ``model=`` is used only when
 there is no checkpoint (random initialisation: the no-pretraining baseline).  Checkpoints are read
 through :mod:`glmtrain.checkpointing` (tensors only, ``weights_only``).  Loading into a model that
@@ -44,9 +45,15 @@ def load_pretrained(spec: str, composed_model_cfg: Any, what: str = "task.init_f
         raise CheckpointError(f"{what}={spec}: no readable glmtrain checkpoint there (a run directory or a "
                               ".ckpt file, or released weights glmtrain.convert can import)") from None
     meta = read_meta(path)
-    model_raw = dict((meta.get("fingerprint") or {}).get("model") or {})
+    compat = meta.get("compat") or {}
+    model_raw = dict(compat.get("model") or {})
     if "family" not in model_raw:
-        raise CheckpointError(f"{what}={path}: the checkpoint's config fingerprint has no model family")
+        raise CheckpointError(f"{what}={path}: the checkpoint's compatibility record has no model family")
+    # per-stage knobs (RoPE base / interpolation) are recorded with the stage the checkpoint was written in
+    stage = (compat.get("stages") or [{}])[-1]
+    for k in ("rope_base", "rope_interpolation"):
+        if k in stage and stage[k] is not None:
+            model_raw.setdefault(k, stage[k])
     from glmtrain.config import _merge
     from glmtrain.models import config_class
 
