@@ -86,6 +86,11 @@ def read_meta(path: Path) -> dict:
 
 def _metadata_problem(ckpt: dict, meta: dict) -> str | None:
     """What makes a loaded checkpoint unusable for a resume, or None."""
+    if "fingerprint" in meta and "compat" not in meta:
+        # written before staged runs; its fused projections (qkv, Hyena in_proj) also have the older row order,
+        # so its tensors would load into today's modules with the right shapes and the wrong meaning
+        return ("written by an earlier glmtrain (before staged runs and tensor-parallel-native layouts): its weights "
+                "are laid out differently and cannot be loaded; retrain, or export it with that version")
     for key in ("consumed_samples", "global_step"):
         v = meta.get(key)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:

@@ -249,3 +249,17 @@ def test_in_process_signal_stops_with_checkpoint_and_handlers_are_restored(tmp_p
     monkeypatch.undo()
     second = train(compose_run(args))
     assert second["steps"] == 6 and "interrupted" not in second and (tmp_path / "final.json").exists()
+
+
+def test_checkpoint_of_an_earlier_layout_is_refused_not_loaded(tmp_path, one_checkpoint):
+    """Checkpoints written before staged runs carry a 'fingerprint' and the older fused row order: the same
+    shapes with another meaning, so they must be refused by name rather than loaded into today's modules."""
+    ckpt = torch.load(one_checkpoint, weights_only=True)
+    meta = ckpt["glmtrain"]
+    meta["fingerprint"] = {"model": meta.pop("compat")["model"]}
+    for k in ("stage", "offset"):
+        meta.pop(k, None)
+    old = tmp_path / "step-00000002.ckpt"
+    torch.save(ckpt, old)
+    with pytest.raises(CheckpointError, match="earlier glmtrain"):
+        read_meta(old)
