@@ -152,3 +152,24 @@ def test_finetune_from_run_directory(tmp_path, capsys):
     assert classification_metrics(labels, probs)["auroc"] == pytest.approx(saved["test"]["auroc"], abs=1e-9)
     with pytest.raises(ConfigError, match="already holds a finished fine-tuning"):
         run_finetune(run)  # nothing already written is overwritten
+
+
+RELEASED = SHARED / "data" / "reference" / "hyenadna_tiny"
+
+
+@pytest.mark.skipif(not RELEASED.is_dir(), reason=f"golden fixture {RELEASED} not found (../shared/data/reference)")
+def test_finetune_from_released_weights(tmp_path, capsys):
+    """task.init_from = a released HyenaDNA checkpoint (the reference code's own layout): imported through
+    glmtrain.convert, every body tensor loaded, only the new head initialised here."""
+    from glmtrain.downstream.finetune import run_finetune
+
+    run = compose_run(["task=finetune", f"task.data_dir={GUE_TINY}", f"task.init_from={RELEASED}",
+                       "task.max_train_samples=32", f"run_dir={tmp_path / 'ft'}", "logger=none", "trainer.max_steps=2",
+                       "trainer.val_every=2", "trainer.micro_batch_size=16", "trainer.progress=none", "task.method=full"])
+    run_finetune(run)
+    out = capsys.readouterr().out
+    assert "imported" in out and "checkpoint tensors not used: none" in out
+    report = json.loads((tmp_path / "ft" / "load_report.json").read_text())
+    assert report["not_loaded"] == ["head.bias", "head.weight"]
+    saved = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    assert set(saved["test"]) >= {"mcc", "accuracy"}
