@@ -53,6 +53,10 @@ class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
     split: SplitConfig = field(default_factory=SplitConfig)
     window: int = 1024  # bases per training window
+    # tokens per sample for multi-base tokenizers (k-mers, BPE), class/separator tokens included: longer
+    # encodings are cut, shorter ones padded (attention_mask 0, no loss). 0 = what a clean window of
+    # `window` bases becomes (BPE: each batch is padded to its longest sample, rounded up to 8).
+    window_tokens: int = 0
     stride: int = 0  # 0 = window (no overlap); held-out windows never overlap
     min_length: int = 0  # 0 = window; shorter tails are padded (and excluded from the loss)
     max_n_fraction: float = 0.1  # drop windows with more N (non-ACGT) than this
@@ -171,6 +175,7 @@ class LoggerConfig:
 @dataclass
 class EvalConfig:
     baselines: list[int] = field(default_factory=lambda: [0, 2])  # Markov orders fit on the training windows
+    unigram: bool = True  # token-frequency baseline scored on the same held-out tokens as the model
     final: bool = True
 
 
@@ -208,7 +213,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.nonfinite": ("skip", "stop"),
     "logger.kind": ("csv", "wandb", "none"),
     "logger.mode": ("offline", "online"),
-    "model.tokenizer.kind": ("char", "kmer", "byte"),
+    "model.tokenizer.kind": ("char", "kmer", "kmer_overlap", "bpe", "byte"),
     "model.tokenizer.lowercase": ("upper", "keep", "error"),
     "model.tokenizer.iupac": ("N", "keep", "error"),
     "model.tokenizer.unknown": ("error", "unk"),
@@ -301,7 +306,31 @@ def _check_combinations(run: RunConfig) -> None:
             "use objective=clm or set model.causal=false where the family allows it"
         )
     if obj.name == "mlm" and run.model.tokenizer.kind == "byte":
-        raise ConfigError("objective=mlm needs a [MASK] token; model.tokenizer.kind=byte has none (allowed: char, kmer)")
+        raise ConfigError("objective=mlm needs a [MASK] token; model.tokenizer.kind=byte has none (allowed: char, kmer, kmer_overlap, bpe)")
+    check = getattr(run.model, "check", None)
+    if check is not None:
+        try:
+            check()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    try:
+        from glmtrain.tokenizers import build_tokenizer
+
+        tok = build_tokenizer(run.model.tokenizer)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    from glmtrain.tokenizers import sample_tokens
+
+    n_tok = sample_tokens(tok, run.data.window, run.data.window_tokens)
+    max_len = getattr(run.model, "max_seq_len", 0)
+    if max_len and n_tok > max_len and not (tok.variable_length and run.data.window_tokens == 0):
+        raise ConfigError(f"a sample is {n_tok} tokens (data.window={run.data.window}, data.window_tokens={run.data.window_tokens}) "
+                          f"but model.max_seq_len={max_len}; lower data.window or set data.window_tokens <= {max_len}")
+    if tok.variable_length and run.data.window_tokens == 0 and max_len:
+        raise ConfigError(f"model.max_seq_len={max_len} with a {tok.name} tokenizer: set data.window_tokens (<= {max_len}) "
+                          "so that every sample fits")
+    if tok.variable_length and run.data.window_tokens == 0 and run.strategy.tp_size > 1 and run.strategy.sequence_parallel:
+        raise ConfigError("strategy.sequence_parallel with a bpe tokenizer needs fixed-length samples: set data.window_tokens")
     for key in ("mask_prob", "mask_token_prob", "random_token_prob"):
         v = getattr(obj, key)
         if not 0.0 <= v <= 1.0:
@@ -324,6 +353,8 @@ def _check_combinations(run: RunConfig) -> None:
 def _check_data(d: DataConfig) -> None:
     if d.window < 2:
         raise ConfigError(f"data.window={d.window}: must be >= 2")
+    if d.window_tokens < 0 or d.window_tokens == 1:
+        raise ConfigError(f"data.window_tokens={d.window_tokens}: must be 0 (derived from data.window) or >= 2")
     if d.stride < 0 or d.min_length < 0:
         raise ConfigError("data.stride and data.min_length must be >= 0")
     if d.min_length > d.window:

@@ -16,11 +16,12 @@ import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-from glmtrain.baselines import markov_baselines
+from glmtrain.baselines import markov_baselines, unigram_logp
 from glmtrain.checkpointing import AtomicCheckpointIO, StepCheckpoint, find_resume_checkpoint
 from glmtrain.config import RunConfig, compat_fingerprint, to_yaml
 from glmtrain.checkpointing import StepSeed, check_state_shapes, load_weights, step_path
@@ -29,6 +30,7 @@ from glmtrain.data.genome import GenomeDataModule
 from glmtrain.faults import NonFiniteGuard, NumericalFault
 from glmtrain.module import GLMModule
 from glmtrain.parallel import strategies as parallel
+from glmtrain.tokenizers import prepare_vocabulary
 
 
 def _rank() -> int:
@@ -106,6 +108,7 @@ def train(run: RunConfig) -> dict:
     accelerator = resolve_accelerator(run)
     _set_threads(run, accelerator)
 
+    prepare_vocabulary(run, say=_say)  # bpe: <run_dir>/tokenizer.json (trained on the training split if absent)
     module = GLMModule(run)
     if resume is not None:
         check_state_shapes(resume, module)  # one line naming the first mismatching tensor
@@ -173,12 +176,24 @@ def train(run: RunConfig) -> dict:
     result = {"steps": trainer.global_step, "train_wall_s": round(train_s, 1), "consumed_samples": module.consumed_samples}
     if run.eval.final:
         trainer.limit_val_batches = 1.0
+        tok = module.tokenizer
+        # a token-frequency baseline where it differs from the base composition (MLM, multi-base tokens),
+        # scored by the validation pass itself on the positions the model is scored on
+        if run.eval.unigram and (run.objective.name == "mlm" or tok.name not in ("char", "byte")):
+            module.objective.set_unigram(unigram_logp(data.token_counts(), np.asarray(tok.acgt_ids)))
         trainer.validate(module, datamodule=data, verbose=False, weights_only=False)
+        module.objective.set_unigram(None)
         result["val_bits_per_base"] = module.last_val["bits_per_base"]
         result["val_bases"] = module.last_val["bases"]
-        if trainer.is_global_zero and run.eval.baselines and run.objective.name == "clm":
-            base = markov_baselines(data.sequences("train"), data.sequences("valid"), run.eval.baselines)
-            result["baselines_bits_per_base"] = {f"order{k}": v for k, v in base.items()}
+        result["val_tokens"] = module.last_val["tokens"]
+        base = {}
+        if "unigram_bits_per_base" in module.last_val:
+            base["unigram"] = module.last_val["unigram_bits_per_base"]
+        if trainer.is_global_zero and run.eval.baselines:
+            markov = markov_baselines(data.sequences("train"), data.sequences("valid"), run.eval.baselines)
+            base.update({f"order{k}": v for k, v in markov.items()})
+        if base:
+            result["baselines_bits_per_base"] = base
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     if module.train_tokens_timed:
         result["train_tok_s"] = round(module.train_tokens_timed / module.train_seconds_timed, 1)
@@ -191,11 +206,21 @@ def train(run: RunConfig) -> dict:
 
 
 def report(run: RunConfig, result: dict) -> None:
+    """The held-out figure beside its baselines.
+
+    bits/base = total nats of the scored tokens / bases those tokens cover / ln 2, whatever the tokenizer
+    (next-token: every token; MLM: the masked tokens, so "masked bits/base").  The unigram baseline is a
+    token-frequency model scored on exactly the same tokens; the Markov baselines score every base of the
+    same held-out windows from the preceding bases.
+    """
     metric = "held-out bits/base" if run.objective.name == "clm" else "held-out masked bits/base"
-    lines = [f"\n{metric} ({run.run_dir}, step {result['steps']}, {result.get('val_bases', 0):.0f} bases scored):"]
+    what = "bases" if run.objective.name == "clm" else "masked bases"
+    lines = [f"\n{metric} ({run.run_dir}, step {result['steps']}, {result.get('val_bases', 0):.0f} {what} "
+             f"in {result.get('val_tokens', 0):.0f} tokens scored):"]
     if "val_bits_per_base" in result:
-        lines.append(f"  {run.model.name:<28} {result['val_bits_per_base']:.4f}")
+        lines.append(f"  {run.model.name:<32} {result['val_bits_per_base']:.4f}")
     for name, v in result.get("baselines_bits_per_base", {}).items():
-        lines.append(f"  {'Markov ' + name + ' baseline':<28} {v:.4f}")
+        label = f"unigram ({run.model.tokenizer.kind}) baseline" if name == "unigram" else f"Markov {name} baseline"
+        lines.append(f"  {label:<32} {v:.4f}")
     lines.append(f"  wall time {result['wall_s']:.1f} s" + (f", training {result['train_tok_s']:.0f} tokens/s" if "train_tok_s" in result else ""))
     print("\n".join(lines), file=sys.stdout, flush=True)

@@ -29,8 +29,8 @@ from glmtrain.config import DataConfig
 from glmtrain.data.fasta import DataInputError, default_cache_dir, fetch_bytes, resolve_path
 from glmtrain.data.plan import SPLITS, Plan, make_plan, policy, unit_windows
 from glmtrain.data.shards import COMP, ShardStore, build_shards, dir_lock, first_difference
-from glmtrain.data.stream import (EvalSamples, ResumableBatchSampler, TrainOrder, TrainSamples, WindowEncoder,
-                                  eval_rows)
+from glmtrain.data.stream import (EvalSamples, ResumableBatchSampler, TrainOrder, TrainSamples, TrimCollate,
+                                  WindowEncoder, eval_rows)
 from glmtrain.tokenizers import Tokenizer
 
 __all__ = ["DataInputError", "GenomeDataModule", "MemoryStore", "open_store"]
@@ -194,7 +194,10 @@ class GenomeDataModule(L.LightningDataModule):
         sampler = ResumableBatchSampler(self.micro, rank, world, consumed, saved)
         workers = self.cfg.num_workers if num_workers is None else num_workers
         return DataLoader(self.train_set, batch_sampler=sampler, num_workers=workers, persistent_workers=False,
-                          pin_memory=torch.cuda.is_available())
+                          pin_memory=torch.cuda.is_available(), **self._collate())
+
+    def _collate(self) -> dict:
+        return {"collate_fn": TrimCollate(self.tok.pad_id)} if self.encoder.trim else {}
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
@@ -209,7 +212,8 @@ class GenomeDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
-        return DataLoader(self.eval_dataset("valid", rank, world), batch_size=self.micro, shuffle=False, num_workers=0)
+        return DataLoader(self.eval_dataset("valid", rank, world), batch_size=self.micro, shuffle=False, num_workers=0,
+                          **self._collate())
 
     # debugging / tests: GLMTRAIN_DATA_TRACE=<dir> records the keys of every batch a rank trains on
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
@@ -219,6 +223,17 @@ class GenomeDataModule(L.LightningDataModule):
             with open(path, "a") as f:
                 f.writelines(f"{int(i)}\t{k}\n" for i, k in zip(batch["index"], batch["key"]))
         return batch
+
+    def token_counts(self, max_bases: int = 4_000_000) -> np.ndarray:
+        """How often each id carries loss in evenly spaced training windows (the unigram baseline's data)."""
+        self.setup()
+        counts = np.zeros(self.tok.vocab_size, dtype=np.int64)
+        for u, i in eval_rows(self.store, "train", max(1, max_bases // self.cfg.window)):
+            got = self.store.read("train", int(u), int(i))
+            if got is not None:
+                ids, w = self.encoder(got[0])
+                counts += np.bincount(ids[w > 0], minlength=len(counts))
+        return counts
 
     # plain window bases for the Markov baselines (train: evenly spaced, at most max_bases)
     def sequences(self, split: str, max_bases: int = 8_000_000) -> list[np.ndarray]:

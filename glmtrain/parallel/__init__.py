@@ -24,7 +24,7 @@ def deepspeed_available() -> bool:
 
 def strategy_problem(run: Any) -> str | None:
     """The first reason ``run.strategy`` cannot run (one line), or None."""
-    from glmtrain.parallel.plans import plan_for, tp_problems
+    from glmtrain.parallel.plans import plan_for, sequence_parallel_problem, tp_problems
     from glmtrain.parallel.strategies import batch_plan, seq_tokens, topology
 
     s, t = run.strategy, run.trainer
@@ -41,6 +41,8 @@ def strategy_problem(run: Any) -> str | None:
             return f"strategy.tp_size={topo.tp}: model family {family!r} has no tensor-parallel plan; use strategy=fsdp with tp_size=1"
         if topo.world % topo.tp:
             return f"strategy.tp_size={topo.tp} does not divide the world size {topo.world} ({topo.describe().split(';')[0]})"
+        if topo.tp > 1 and s.sequence_parallel and sequence_parallel_problem(run.model):
+            return sequence_parallel_problem(run.model)
         if topo.tp > 1:
             L = seq_tokens(run)
             vocab = _vocab(run)

@@ -93,7 +93,9 @@ class FamilyPlan:
     blocks: str = "blocks"  # ModuleList: one FSDP unit per element
     embed: str = "embed"
     head: str = "lm_head"
-    final_norm: str = "norm_f"
+    final_norm: str = "norm_f"  # may be None in a model (post-norm stacks end normalised)
+    # modules between the final norm and the head (an MLM head's dense + norm), in order; absent ones skipped
+    head_transform: tuple[str, ...] = ()
     tensor_parallel: bool = True  # False: FSDP/DDP only; strategy=tp is refused for the family
     # glob patterns (relative to a block) of linear layers deliberately left replicated under TP
     replicated: tuple[str, ...] = ()
@@ -136,8 +138,11 @@ PLANS: dict[str, FamilyPlan] = {
             "attn.qkv": Colwise(fused=3), "attn.out": Rowwise(),
             "mlp.fc1": Colwise(), "mlp.fc2": Rowwise(),
             "mlp.gate": Colwise(), "mlp.up": Colwise(), "mlp.down": Rowwise(),
+            # ALiBi: each rank keeps the slopes of its own heads
+            "attn": Local(buffers={"alibi_slopes": 1}),
         },
         tp_divisors=_transformer_divisors,
+        head_transform=("head_dense", "head_norm"),
     ),
     # HyenaDNA: the input projection shards like qkv (3 chunks: post, pre, v), the depthwise short
     # conv and the long convolution by channel; the implicit filter's MLP is replicated and only its
@@ -180,6 +185,15 @@ PLANS: dict[str, FamilyPlan] = {
 
 def plan_for(family: str) -> FamilyPlan | None:
     return PLANS.get(family)
+
+
+def sequence_parallel_problem(model_cfg: Any) -> str | None:
+    """Why the model's embedding stage cannot run on a slice of the sequence (one line), or None."""
+    if getattr(model_cfg, "embed_norm", False) or getattr(model_cfg, "position", "") == "learned":
+        return ("strategy.sequence_parallel=true: this model normalises or adds learned positions to the whole "
+                "embedded sequence before the blocks (model.embed_norm / model.position=learned); set "
+                "strategy.sequence_parallel=false")
+    return None
 
 
 def tp_problems(model_cfg: Any, vocab: int, tp: int, seq_len: int, sequence_parallel: bool, vocab_parallel: bool) -> list[str]:
@@ -362,7 +376,9 @@ def apply_tensor_parallel(model: nn.Module, plan: FamilyPlan, tp_mesh, sequence_
                 elif isinstance(style, Rowwise):
                     styles[name] = RowwiseParallel(output_layouts=act_in)
                 elif isinstance(style, Norm) and sequence_parallel:
-                    styles[name] = SequenceParallel()
+                    # local output: in a post-norm block the norm's output is the residual stream itself,
+                    # which must stay a plain (sequence-sharded) tensor like the row-parallel outputs it meets
+                    styles[name] = SequenceParallel(use_local_output=True)
         for name, style in locals_:
             sub = block.get_submodule(name)
             present = [n for n in style.params if _has(sub, n)]
@@ -390,16 +406,20 @@ def apply_tensor_parallel(model: nn.Module, plan: FamilyPlan, tp_mesh, sequence_
                 sub.register_forward_hook(swap.post)
         parallelize_module(block, tp_mesh, styles, src_data_rank=None)
 
-    # embedding, final norm, head
+    # embedding, final norm, head (an MLM head's transform runs replicated on the gathered sequence)
     top: dict[str, Any] = {}
     tied = getattr(model, plan.head).weight is getattr(model, plan.embed).weight
+    pre = [n for n in plan.head_transform if getattr(model, n, None) is not None]
+    gather = PrepareModuleInput(input_layouts=act_in, desired_input_layouts=Replicate(), use_local_output=True)
     if vocab_parallel:
         top[plan.embed] = RowwiseParallel(input_layouts=Replicate(), output_layouts=act_in)
-        top[plan.head] = ColwiseParallel(input_layouts=act_in, output_layouts=Replicate())
+        if pre:
+            top[pre[0]] = gather
+        top[plan.head] = ColwiseParallel(input_layouts=Replicate() if pre else act_in, output_layouts=Replicate())
     elif sequence_parallel:
         top[plan.embed] = PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=seq)
-        top[plan.head] = PrepareModuleInput(input_layouts=seq, desired_input_layouts=Replicate(), use_local_output=True)
-    if sequence_parallel:
+        top[pre[0] if pre else plan.head] = gather
+    if sequence_parallel and getattr(model, plan.final_norm, None) is not None:
         top[plan.final_norm] = SequenceParallel()
     if top:
         parallelize_module(model, tp_mesh, top, src_data_rank=None)
