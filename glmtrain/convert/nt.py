@@ -36,6 +36,7 @@ so that ``python -m glmtrain.convert`` can call them: :func:`esm_to_glmtrain`, :
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,8 @@ def esm_to_glmtrain(hf_state: dict[str, torch.Tensor], cfg: TransformerConfig, v
     _check(cfg)
     hf_state = {k: v for k, v in hf_state.items() if not k.endswith("inv_freq") and not k.startswith("esm.contact_head")}
     hf_state = {(k[len("model."):] if k.startswith("model.") else k): v for k, v in hf_state.items()}
+    # transformers writes LayerNorm parameters under their legacy names (gamma / beta) in some versions
+    hf_state = {re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", k)): v for k, v in hf_state.items()}
     try:
         out = {"embed.weight": _rows(hf_state["esm.embeddings.word_embeddings.weight"], vocab_rows)}
         if cfg.position == "learned":

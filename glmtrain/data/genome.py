@@ -224,7 +224,7 @@ class GenomeDataModule(L.LightningDataModule):
                 f.writelines(f"{int(i)}\t{k}\n" for i, k in zip(batch["index"], batch["key"]))
         return batch
 
-    def token_counts(self, max_bases: int = 4_000_000) -> np.ndarray:
+    def token_counts(self, max_bases: int = 1_000_000) -> np.ndarray:
         """How often each id carries loss in evenly spaced training windows (the unigram baseline's data)."""
         self.setup()
         counts = np.zeros(self.tok.vocab_size, dtype=np.int64)

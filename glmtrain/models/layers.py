@@ -244,9 +244,11 @@ class SelfAttention(nn.Module):
         self.flash = flash
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        b, seq_len, _ = x.shape
-        # -1 instead of n_heads lets a tensor-parallel plan shard heads without touching this code
-        q, k, v = self.qkv(x).view(b, seq_len, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x)
+        # shapes from the projection, not from x: under sequence parallelism x may be a slice of the sequence
+        # that the column-parallel projection gathers; -1 instead of n_heads lets a plan shard the heads
+        b, seq_len = qkv.shape[:2]
+        q, k, v = qkv.view(b, seq_len, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.rope is not None:
             q, k = self.rope(q, k)
         y = attend(q, k, v, self.causal, self.dropout if self.training else 0.0, self.flash, key_mask, self.alibi_slopes)

@@ -64,7 +64,9 @@ class Rowwise:
 
 @dataclass(frozen=True)
 class Norm:
-    pass
+    # block -> whether the norm's sequence-parallel output must be a plain local tensor: in a post-norm
+    # block the norm's output is the residual stream itself and meets row-parallel (local) outputs
+    local_output: Callable[[nn.Module], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -129,12 +131,16 @@ def _evo2_divisors(cfg: Any, vocab: int) -> list[tuple[str, int]]:
     return out
 
 
+def _post_norm(block: nn.Module) -> bool:
+    return bool(getattr(block, "post", False))
+
+
 PLANS: dict[str, FamilyPlan] = {
     # Plain pre-norm Transformer: fused qkv (3 chunks) -> heads split; GELU or SwiGLU MLP.
     "transformer": FamilyPlan(
         family="transformer",
         block_styles={
-            "norm1": Norm(), "norm2": Norm(),
+            "norm1": Norm(_post_norm), "norm2": Norm(_post_norm),
             "attn.qkv": Colwise(fused=3), "attn.out": Rowwise(),
             "mlp.fc1": Colwise(), "mlp.fc2": Rowwise(),
             "mlp.gate": Colwise(), "mlp.up": Colwise(), "mlp.down": Rowwise(),
@@ -376,9 +382,8 @@ def apply_tensor_parallel(model: nn.Module, plan: FamilyPlan, tp_mesh, sequence_
                 elif isinstance(style, Rowwise):
                     styles[name] = RowwiseParallel(output_layouts=act_in)
                 elif isinstance(style, Norm) and sequence_parallel:
-                    # local output: in a post-norm block the norm's output is the residual stream itself,
-                    # which must stay a plain (sequence-sharded) tensor like the row-parallel outputs it meets
-                    styles[name] = SequenceParallel(use_local_output=True)
+                    local = bool(style.local_output and style.local_output(block))
+                    styles[name] = SequenceParallel(use_local_output=local)
         for name, style in locals_:
             sub = block.get_submodule(name)
             present = [n for n in style.params if _has(sub, n)]
