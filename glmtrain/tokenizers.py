@@ -158,6 +158,28 @@ def _padded(n: int, multiple: int) -> int:
     return n if multiple <= 1 else -(-n // multiple) * multiple
 
 
+def _check_policies(kind: str, k: int | None, k_range: tuple[int, int] | None, lowercase: str, iupac: str) -> None:
+    """The multi-base tokenizers fold lowercase or refuse it, and map ambiguous codes to N or refuse them."""
+    if k_range is not None and not k_range[0] <= k <= k_range[1]:
+        raise ValueError(f"model.tokenizer.k={k}: allowed values are {k_range[0]}..{k_range[1]} for {kind}")
+    if lowercase not in ("upper", "error"):
+        raise ValueError(f"model.tokenizer.lowercase={lowercase!r}: the {kind} tokenizer allows upper, error")
+    if iupac not in ("N", "error"):
+        raise ValueError(f"model.tokenizer.iupac={iupac!r}: the {kind} tokenizer allows N, error")
+
+
+def _base_codes(alphabet: str, lowercase: str, iupac: str, unknown: int) -> np.ndarray:
+    """byte -> 0..3 (``alphabet`` order), 4 for N and ambiguous codes (iupac=N), -1 rejected, ``unknown`` else."""
+    code = np.full(256, unknown, dtype=np.int64)
+    for i, b in enumerate(alphabet):
+        code[ord(b)] = i
+        code[ord(b.lower())] = i if lowercase == "upper" else -1
+    for b in "N" + IUPAC_AMBIGUOUS:
+        code[ord(b)] = 4 if iupac == "N" else -1
+        code[ord(b.lower())] = (4 if iupac == "N" else -1) if lowercase == "upper" else -1
+    return code
+
+
 def _describe_bad(seq: str, bad: np.ndarray) -> str:
     pos = int(np.flatnonzero(bad)[0])
     return f"character {seq[pos]!r} at offset {pos}"
@@ -246,12 +268,7 @@ class KmerTokenizer(Tokenizer):
 
     def __init__(self, k: int = 6, lowercase: str = "upper", iupac: str = "N", unknown: str = "error", pad_to_multiple: int = 8,
                  add_cls: bool = False, add_sep: bool = False):
-        if not 1 <= k <= 8:
-            raise ValueError(f"model.tokenizer.k={k}: allowed values are 1..8")
-        if lowercase not in ("upper", "error"):
-            raise ValueError(f"model.tokenizer.lowercase={lowercase!r}: the kmer tokenizer allows upper, error")
-        if iupac not in ("N", "error"):
-            raise ValueError(f"model.tokenizer.iupac={iupac!r}: the kmer tokenizer allows N, error")
+        _check_policies("kmer", k, (1, 8), lowercase, iupac)
         self.name, self.k = "kmer", k
         self.lowercase, self.iupac, self.unknown = lowercase, iupac, unknown
         self.unk_id, self.pad_id, self.mask_id, self.cls_id = 0, 1, 2, 3
@@ -269,17 +286,8 @@ class KmerTokenizer(Tokenizer):
         self.bases_per_id = np.zeros(self.vocab_size, dtype=np.float32)
         self.bases_per_id[4 : 4 + n_kmers] = k
         self.bases_per_id[self.single_offset : self.single_offset + 5] = 1
-        code = np.full(256, -1, dtype=np.int64)  # base -> 0..3 ATCG, 4 = N, -1 = reject, -2 = unknown
-        code[:] = -2
-        for i, b in enumerate(self.ALPHABET):
-            code[ord(b)] = i
-            code[ord(b.lower())] = i if lowercase == "upper" else -1
-        for b in "N" + IUPAC_AMBIGUOUS:
-            code[ord(b)] = 4 if iupac == "N" else -1
-            code[ord(b.lower())] = (4 if iupac == "N" else -1) if lowercase == "upper" else -1
-        if unknown == "unk":
-            code[code == -2] = 5  # 5 = <unk>
-        self._code = code
+        # base -> 0..3 ATCG, 4 = N, -1 = reject, 5 = <unk> (unknown=unk) else -1
+        self._code = _base_codes(self.ALPHABET, lowercase, iupac, 5 if unknown == "unk" else -1)
         self._vocab = ["<unk>", "<pad>", "<mask>", "<cls>"]
         self._vocab += ["".join(self.ALPHABET[(i // 4 ** (k - 1 - j)) % 4] for j in range(k)) for i in range(n_kmers)]
         self._vocab += list("ATCGN") + ["<eos>", "<bos>"]
@@ -345,10 +353,7 @@ class OverlapKmerTokenizer(Tokenizer):
 
     def __init__(self, k: int = 6, lowercase: str = "upper", iupac: str = "N", unknown: str = "error", pad_to_multiple: int = 8,
                  add_cls: bool = False, add_sep: bool = False):
-        if not 2 <= k <= 8:
-            raise ValueError(f"model.tokenizer.k={k}: allowed values are 2..8 for kmer_overlap")
-        if lowercase not in ("upper", "error"):
-            raise ValueError(f"model.tokenizer.lowercase={lowercase!r}: the kmer_overlap tokenizer allows upper, error")
+        _check_policies("kmer_overlap", k, (2, 8), lowercase, iupac)
         self.name, self.k = "kmer_overlap", k
         self.lowercase, self.iupac, self.unknown = lowercase, iupac, unknown
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = 0, 1, 2, 3, 4
@@ -363,15 +368,8 @@ class OverlapKmerTokenizer(Tokenizer):
         self.acgt_ids = self.nucleotide_ids
         self.bases_per_id = np.zeros(self.vocab_size, dtype=np.float32)
         self.bases_per_id[len(self.SPECIALS) : self.n_tokens] = 1.0  # each token adds one new base
-        code = np.full(256, -2, dtype=np.int64)  # 0..3 ACGT, 4 ambiguous (-> [UNK] k-mers), -1 reject
-        for i, b in enumerate(self.ALPHABET):
-            code[ord(b)] = i
-            code[ord(b.lower())] = i if lowercase == "upper" else -1
-        for b in "N" + IUPAC_AMBIGUOUS:
-            code[ord(b)] = 4 if iupac != "error" else -1
-            code[ord(b.lower())] = (4 if iupac != "error" else -1) if lowercase == "upper" else -1
-        code[code == -2] = 4 if unknown == "unk" else -1
-        self._code = code
+        # 0..3 ACGT, 4 ambiguous or unknown (-> [UNK] k-mers), -1 reject
+        self._code = _base_codes(self.ALPHABET, lowercase, iupac, 4 if unknown == "unk" else -1)
 
     def token_length(self, seq_len: int) -> int:
         return max(0, seq_len - self.k + 1)
@@ -421,8 +419,7 @@ class BpeTokenizer(Tokenizer):
                  add_sep: bool = False, lowercase: str = "upper", iupac: str = "N", unknown: str = "error", **_: object):
         if vocab_size < 16:
             raise ValueError(f"model.tokenizer.vocab_size={vocab_size}: must be >= 16 for bpe")
-        if lowercase not in ("upper", "error"):
-            raise ValueError(f"model.tokenizer.lowercase={lowercase!r}: the bpe tokenizer allows upper, error")
+        _check_policies("bpe", None, None, lowercase, iupac)
         self.name = "bpe"
         self.path = path
         self.target_vocab = vocab_size
@@ -436,8 +433,8 @@ class BpeTokenizer(Tokenizer):
             code[ord(b)] = ord(b)
             code[ord(b.lower())] = ord(b) if lowercase == "upper" else 0
         for b in IUPAC_AMBIGUOUS:
-            code[ord(b)] = ord("N") if iupac != "error" else 0
-            code[ord(b.lower())] = (ord("N") if iupac != "error" else 0) if lowercase == "upper" else 0
+            code[ord(b)] = ord("N") if iupac == "N" else 0
+            code[ord(b.lower())] = (ord("N") if iupac == "N" else 0) if lowercase == "upper" else 0
         if unknown == "unk":
             code[code == 0] = ord("N")
         self._code = code
