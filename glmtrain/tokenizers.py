@@ -442,9 +442,12 @@ class BpeTokenizer(Tokenizer):
 
     def _load(self):
         if self._tk is None:
-            from pathlib import Path
+            import os
 
             from tokenizers import Tokenizer as HFTokenizer
+
+            # windows are encoded one at a time (in DataLoader workers): no thread pool that a fork could break
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
             if not self.path or not Path(self.path).is_file():
                 raise TokenizerError(f"no BPE vocabulary at {self.path or '(no path)'}: train one with `python -m glmtrain.tokenizers "
