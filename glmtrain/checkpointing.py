@@ -25,26 +25,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from glmtrain.atomic import atomic_write
-from lightning.fabric.utilities.cloud_io import get_filesystem
+from glmtrain import ckpt_formats
+from glmtrain.ckpt_formats import AtomicCheckpointIO, CheckpointError, UnsafeCheckpointError  # noqa: F401 (re-exported)
 
 CKPT_RE = re.compile(r"^step=(\d+)\.ckpt$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used; one line naming the file and what to do."""
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save through :func:`glmtrain.atomic.atomic_write` (temporary name, fsync, rename)."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        path = Path(path)
-        get_filesystem(str(path)).makedirs(str(path.parent), exist_ok=True)
-        with atomic_write(path, sync_dir=True) as f:
-            torch.save(checkpoint, f)
 
 
 def step_path(ckpt_dir: Path, step: int) -> Path:
@@ -63,14 +48,12 @@ def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
 
 
 def read_meta(path: Path) -> dict:
-    """Load a checkpoint lazily (mmap) and return its glmtrain metadata; raise CheckpointError if unusable."""
+    """Load a checkpoint lazily (mmap; directories: metadata only) and return its glmtrain metadata; raise
+    CheckpointError if unusable (UnsafeCheckpointError if loading it would need more than tensors and plain values)."""
     try:
-        if Path(path).is_dir():  # sharded (torch.distributed.checkpoint) or DeepSpeed directory
-            from glmtrain.parallel.strategies import checkpoint_summary
-
-            ckpt = checkpoint_summary(Path(path))
-        else:
-            ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        ckpt = ckpt_formats.summary(Path(path))
+    except UnsafeCheckpointError:
+        raise
     except Exception as e:  # truncated, corrupted, not a torch file
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
     if not isinstance(ckpt, dict) or "glmtrain" not in ckpt or "state_dict" not in ckpt:
@@ -106,7 +89,7 @@ def _metadata_problem(ckpt: dict, meta: dict) -> str | None:
 
 def check_state_shapes(path: Path, module: torch.nn.Module) -> None:
     """Refuse (one line) a checkpoint whose tensors do not match the built model's names and shapes."""
-    if Path(path).is_dir() and not (Path(path) / ".metadata").is_file():
+    if ckpt_formats.is_deepspeed(Path(path)):
         return  # DeepSpeed directory: parameter names are the engine's (checked by DeepSpeed when it loads)
     problem = shape_mismatch(read_meta(Path(path))["shapes"], module)
     if problem:
@@ -130,13 +113,15 @@ def shape_mismatch(shapes: dict[str, tuple], module: torch.nn.Module) -> str | N
 def resolve_checkpoint(spec: str | Path) -> Path:
     """A checkpoint file, or a run directory / checkpoints directory -> its newest readable checkpoint."""
     p = Path(spec)
-    if p.is_file() or (p / "meta.pt").is_file():  # a file, or a sharded checkpoint directory
+    if ckpt_formats.kind(p) != "unknown":  # a file, or a sharded / DeepSpeed checkpoint directory
         return p
     for d in (p / "checkpoints", p):
         for _, c in reversed(list_checkpoints(d)):
             try:
                 read_meta(c)
                 return c
+            except UnsafeCheckpointError:
+                raise  # never fall back past a planted file
             except CheckpointError as e:
                 print(f"glmtrain: warning: {e}; trying an older checkpoint", file=sys.stderr)
     raise CheckpointError(f"trainer.init_from={spec}: no readable checkpoint there (a .ckpt file or a run directory)")
@@ -158,12 +143,10 @@ def load_weights(spec: str | Path, module: torch.nn.Module, say=print) -> Path:
     problem = shape_mismatch(meta["shapes"], module)
     if problem:
         raise CheckpointError(f"trainer.init_from={path}: does not fit the model ({problem})")
-    if Path(path).is_dir():
-        from glmtrain.parallel.strategies import load_sharded_as_full
-
-        sd = load_sharded_as_full(Path(path))["state_dict"]
-    else:
-        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["state_dict"]
+    try:
+        sd = ckpt_formats.load_full(Path(path))["state_dict"]
+    except CheckpointError as e:
+        raise CheckpointError(f"trainer.init_from={spec}: {e}") from None
     module.load_state_dict(sd, strict=True)
     say(f"initialised weights from {path} (step {meta['global_step']}); optimizer, schedule and data start fresh")
     return path
@@ -227,6 +210,8 @@ def find_resume_checkpoint(ckpt_dir: Path, fingerprint: dict) -> Path | None:
     for step, path in reversed(candidates):
         try:
             meta = read_meta(path)
+        except UnsafeCheckpointError:
+            raise  # never fall back past a planted file
         except CheckpointError as e:
             print(f"glmtrain: warning: {e}; falling back to an older checkpoint (the file is left in place)", file=sys.stderr)
             continue

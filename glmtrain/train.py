@@ -25,6 +25,7 @@ from glmtrain.baselines import markov_baselines, unigram_logp
 from glmtrain.checkpointing import AtomicCheckpointIO, StepCheckpoint, find_resume_checkpoint
 from glmtrain.config import RunConfig, compat_fingerprint, to_yaml
 from glmtrain.checkpointing import StepSeed, check_state_shapes, load_weights, step_path
+from glmtrain.ckpt_formats import refuse_foreign
 from glmtrain.cluster import Preemption, cluster_environment
 from glmtrain.data.genome import GenomeDataModule
 from glmtrain.faults import NonFiniteGuard, NumericalFault
@@ -117,7 +118,7 @@ def train(run: RunConfig) -> dict:
     cluster_env = cluster_environment()  # srun/sbatch: SLURMEnvironment(auto_requeue=False); torchrun: TorchElastic
     topo = parallel.topology(run)  # world from torchrun/SLURM when launched by them, else trainer.devices x num_nodes
     if resume is not None:
-        parallel.refuse_foreign_checkpoint(resume, run.strategy.name)  # DeepSpeed <-> others: one line
+        refuse_foreign(resume, run.strategy.name)  # DeepSpeed <-> others: one line
     batch = parallel.batch_plan(run, topo.dp)  # micro-batch and accumulation derived from the world size
     _say(parallel.describe(run, topo, batch))
     data = GenomeDataModule(run.data, module.tokenizer, batch.micro, run.seed)
@@ -160,7 +161,7 @@ def train(run: RunConfig) -> dict:
     trainer.callbacks.extend([StepSeed(run.seed), guard, preempt])
     if resume is not None:
         _say(f"resuming from {resume}")
-    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None, weights_only=False)
+    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None, weights_only=True)
     if guard.fault or preempt.triggered:  # interrupted: no final evaluation, no final.json
         requeued = False if guard.fault else preempt.finish(trainer)  # rank 0 under SLURM: `scontrol requeue`
         trainer.strategy.barrier("glmtrain.interrupted")  # no rank exits (srun --kill-on-bad-exit) before that
@@ -181,7 +182,7 @@ def train(run: RunConfig) -> dict:
         # scored by the validation pass itself on the positions the model is scored on
         if run.eval.unigram and (run.objective.name == "mlm" or tok.name not in ("char", "byte")):
             module.objective.set_unigram(unigram_logp(data.token_counts(), np.asarray(tok.acgt_ids)))
-        trainer.validate(module, datamodule=data, verbose=False, weights_only=False)
+        trainer.validate(module, datamodule=data, verbose=False, weights_only=True)
         module.objective.set_unigram(None)
         result["val_bits_per_base"] = module.last_val["bits_per_base"]
         result["val_bases"] = module.last_val["bases"]

@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from glmtrain.ckpt_formats import load_file
+
 ROOT = Path(__file__).resolve().parents[1]
 SLURM_LOCAL = Path(os.environ.get("GLMTRAIN_SLURM_LOCAL", ROOT.parent / "shared" / "tools" / "slurm-local"))
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -64,7 +66,7 @@ def final_checkpoint(run_dir: Path) -> dict:
     from glmtrain.checkpointing import list_checkpoints
 
     step, path = list_checkpoints(Path(run_dir) / "checkpoints")[-1]
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_file(path)
 
 
 def steps_saved(run_dir: Path) -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from glmtrain.ckpt_formats import load_file
 from glmtrain.checkpointing import list_checkpoints
 from glmtrain.faults import NumericalFault
 from glmtrain.module import GLMModule
@@ -39,7 +40,7 @@ def _inject(monkeypatch, kind: str, steps: set[int]) -> None:
 
 
 def _ckpts(run_dir):
-    return {s: torch.load(p, map_location="cpu", weights_only=False) for s, p in list_checkpoints(run_dir / "checkpoints")}
+    return {s: load_file(p) for s, p in list_checkpoints(run_dir / "checkpoints")}
 
 
 def _same_weights(a, b) -> bool:

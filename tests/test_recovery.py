@@ -24,6 +24,7 @@ from glmtrain.checkpointing import (
     remove_stale_temporaries,
     step_path,
 )
+from glmtrain.ckpt_formats import load_file
 from tests.conftest import DDP, TINY, assert_same_training_state, final_checkpoint, kill_midway, losses, run_glmtrain
 
 MAX_STEPS = 12
@@ -76,7 +77,7 @@ def one_checkpoint(reference_1p):
 
 
 def test_failing_save_leaves_previous_checkpoint_intact(tmp_path, one_checkpoint, monkeypatch):
-    ckpt = torch.load(one_checkpoint, map_location="cpu", weights_only=False)
+    ckpt = load_file(one_checkpoint)
     io = AtomicCheckpointIO()
     good = tmp_path / "step=00000002.ckpt"
     io.save_checkpoint(ckpt, good)
@@ -115,7 +116,7 @@ def test_metadata_and_shapes_are_validated_on_load(tmp_path, one_checkpoint):
 
     from glmtrain.module import GLMModule
 
-    ckpt = torch.load(one_checkpoint, map_location="cpu", weights_only=False)
+    ckpt = load_file(one_checkpoint)
     bad = dict(ckpt, glmtrain=dict(ckpt["glmtrain"], consumed_samples=-4))
     torch.save(bad, tmp_path / "a.ckpt")
     with pytest.raises(CheckpointError, match=r"invalid metadata \(consumed_samples=-4"):

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from glmtrain.ckpt_formats import load_file
 from glmtrain.checkpointing import CheckpointError, list_checkpoints
 from glmtrain.train import train
 from tests._util import compose_run, run_cli
@@ -26,7 +27,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     step, path = list_checkpoints(run_dir / "checkpoints")[-1]
-    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    return load_file(path)["state_dict"]
 
 
 def test_smoke_run_writes_config_metrics_checkpoints(tmp_path):
@@ -60,8 +61,8 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, extra):
     wa, wb = _weights(full), _weights(part)
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
-    ca = torch.load(list_checkpoints(full / "checkpoints")[-1][1], weights_only=False)
-    cb = torch.load(list_checkpoints(part / "checkpoints")[-1][1], weights_only=False)
+    ca = load_file(list_checkpoints(full / "checkpoints")[-1][1])
+    cb = load_file(list_checkpoints(part / "checkpoints")[-1][1])
     assert ca["glmtrain"]["consumed_samples"] == cb["glmtrain"]["consumed_samples"]
     assert ca["lr_schedulers"][0]["last_epoch"] == cb["lr_schedulers"][0]["last_epoch"] == 8
 
@@ -115,5 +116,5 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     final = json.loads((tmp_path / "final.json").read_text())
     assert final["steps"] == 6 and final["consumed_samples"] == 6 * 4 * 2
-    ckpt = torch.load(list_checkpoints(tmp_path / "checkpoints")[-1][1], weights_only=False)
+    ckpt = load_file(list_checkpoints(tmp_path / "checkpoints")[-1][1])
     assert ckpt["glmtrain"]["world_size"] == 2

@@ -1,4 +1,4 @@
-"""Lightning strategies from the config: topology, batch arithmetic, backends, checkpoint formats.
+"""Lightning strategies from the config: topology, batch arithmetic, backends, portable checkpoint state.
 
 * :func:`topology` -- world size, devices per node and nodes, from ``torchrun``'s
   or SLURM's environment when present (those win over ``trainer.devices`` /
@@ -12,14 +12,11 @@
   ``deepspeed`` (ZeRO 1/2/3, config from :mod:`glmtrain.parallel.deepspeed_config`).
   NCCL on GPU, gloo on CPU unless ``strategy.backend`` says otherwise.
 
-Checkpoint formats (all resumable under every strategy but DeepSpeed's own):
-
-* single-device / DDP: one file, ``torch.save`` of Lightning's checkpoint dict;
-* fsdp / tp with ``strategy.checkpoint=sharded`` (default): a directory written by
-  ``torch.distributed.checkpoint`` (every rank writes its shards) plus
-  ``meta.pt`` (everything that is not a tensor of the model or optimizer);
-  written to a temporary directory and renamed into place;
-* fsdp / tp with ``strategy.checkpoint=full``: one consolidated file, as DDP.
+Checkpoint formats (all resumable under every strategy but DeepSpeed's own) are
+read and written by :mod:`glmtrain.ckpt_formats` (never unpickling code):
+single-device / DDP and ``strategy.checkpoint=full`` write one file; fsdp / tp with
+``strategy.checkpoint=sharded`` (default) a ``torch.distributed.checkpoint``
+directory plus ``meta.pt``; DeepSpeed its own directory.
 
 Model tensors are always stored in the plain (unpermuted, unsharded) layout
 under the LightningModule's parameter names, and optimizer states are keyed by
@@ -33,7 +30,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -41,9 +37,9 @@ from typing import Any, Mapping
 import torch
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 
+from glmtrain import ckpt_formats
 from glmtrain.parallel.plans import apply_fsdp, apply_tensor_parallel, plan_for, to_canonical, to_planned
 
-META = "meta.pt"
 MODEL_PARALLEL = ("fsdp", "tp")
 
 
@@ -246,16 +242,7 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     return norm
 
 
-# ----------------------------------------------------------------------------- checkpoint formats
-def is_sharded_checkpoint(path: Path) -> bool:
-    return Path(path).is_dir() and (Path(path) / ".metadata").is_file()
-
-
-def is_deepspeed_checkpoint(path: Path) -> bool:
-    p = Path(path)
-    return p.is_dir() and not (p / ".metadata").is_file() and any(p.glob("*/*model_states.pt"))
-
-
+# ----------------------------------------------------------------------------- checkpoint state across layouts
 def _names(module: torch.nn.Module) -> dict[int, str]:
     out: dict[int, str] = {}
     for n, p in module.named_parameters():
@@ -331,77 +318,11 @@ def relayout_optim_state(osd: dict, layout: Mapping[str, tuple[int, int]], canon
     return osd
 
 
-def load_sharded_as_full(path: Path) -> dict:
-    """A sharded (DCP) checkpoint directory -> Lightning's checkpoint dict with full tensors (one process)."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    path = Path(path)
-    with tempfile.TemporaryDirectory(prefix="glmtrain-dcp-") as d:
-        tmp = Path(d) / "full.pt"
-        dcp_to_torch_save(path, tmp)
-        tensors = torch.load(tmp, map_location="cpu", weights_only=False)
-    ckpt = torch.load(path / META, map_location="cpu", weights_only=False)
-    ckpt["state_dict"] = tensors.pop("state_dict")
-    keys = sorted((k for k in tensors if k.startswith("optimizer_")), key=lambda k: int(k.split("_")[1]))
-    ckpt["optimizer_states"] = [tensors[k] for k in keys]
-    return ckpt
-
-
-def checkpoint_summary(path: Path) -> dict:
-    """A checkpoint *directory* as a Lightning-like dict without reading tensor data (for resume checks):
-    the metadata, ``state_dict`` as meta-device tensors of the stored (global) shapes, and placeholders for
-    ``optimizer_states``.  Sharded (DCP) directories and DeepSpeed directories."""
-    path = Path(path)
-    if is_sharded_checkpoint(path):
-        from torch.distributed.checkpoint import FileSystemReader
-
-        ckpt = torch.load(path / META, map_location="cpu", weights_only=False)
-        md = FileSystemReader(str(path)).read_metadata().state_dict_metadata
-        sd, optims = {}, set()
-        for key, m in md.items():
-            if key.startswith("state_dict.") and hasattr(m, "size"):
-                sd[key[len("state_dict."):]] = torch.empty(tuple(m.size), dtype=m.properties.dtype, device="meta")
-            elif key.startswith("optimizer_"):
-                optims.add(key.split(".")[0])
-        ckpt["state_dict"] = sd
-        ckpt["optimizer_states"] = [{} for _ in sorted(optims)]
-        return ckpt
-    if is_deepspeed_checkpoint(path):
-        f = sorted(path.glob("*/*model_states.pt"))[0]
-        ckpt = torch.load(f, map_location="cpu", weights_only=False)
-        shapes: dict[str, Any] = {}
-        for group in ckpt.get("param_shapes") or []:
-            shapes.update(group)
-        sd = {k: torch.empty(tuple(v), device="meta") for k, v in shapes.items()}
-        for k, v in (ckpt.get("module") or {}).items():
-            if isinstance(v, torch.Tensor) and (k not in sd or v.numel()):
-                sd[k] = v
-        ckpt["state_dict"] = sd
-        ckpt.setdefault("optimizer_states", [{}])
-        return ckpt
-    raise FileNotFoundError(f"{path} is a directory but neither a sharded (.metadata + {META}) nor a DeepSpeed checkpoint")
-
-
-def refuse_foreign_checkpoint(path: Path, strategy_name: str) -> None:
-    from glmtrain.checkpointing import CheckpointError
-
-    ds = is_deepspeed_checkpoint(path)
-    if ds and strategy_name != "deepspeed":
-        raise CheckpointError(f"checkpoint {path} was written by DeepSpeed; resume it with strategy=deepspeed "
-                              "(or convert it with DeepSpeed's zero_to_fp32.py into a new run)")
-    if not ds and strategy_name == "deepspeed" and Path(path).exists():
-        raise CheckpointError(f"checkpoint {path} was written under strategy=fsdp/tp/ddp; DeepSpeed resumes only its own "
-                              "checkpoints: resume with the strategy that wrote it, or start a new run_dir")
-
-
 class _PortableLoad:
     """Single-device / DDP: also read sharded (DCP) directories and name-keyed optimizer states."""
 
     def load_checkpoint(self, checkpoint_path, weights_only=None):
-        path = Path(checkpoint_path)
-        if is_sharded_checkpoint(path):
-            return load_sharded_as_full(path)
-        return super().load_checkpoint(checkpoint_path, weights_only)
+        return ckpt_formats.load_full(Path(checkpoint_path))  # weights_only=True, whatever the caller asks
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         from lightning.fabric.utilities.optimizer import _optimizer_to_device
@@ -454,7 +375,7 @@ class GLMModelParallelStrategy(ModelParallelStrategy):
                 self.checkpoint_io.save_checkpoint(checkpoint, path, storage_options=storage_options)
             self.barrier()
             return
-        tmp = path.with_name(f".{path.name}.partial")
+        tmp = ckpt_formats.sharded_partial(path)
         if self.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -464,23 +385,11 @@ class GLMModelParallelStrategy(ModelParallelStrategy):
             state[f"optimizer_{i}"] = s
         dcp.save(state, checkpoint_id=tmp)
         if self.is_global_zero:
-            with open(tmp / META, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            old = path.with_name(f".{path.name}.old")
-            if path.exists():
-                if path.is_dir():
-                    os.replace(path, old)
-                else:
-                    path.unlink()
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            ckpt_formats.publish_sharded(tmp, path, checkpoint)
         self.barrier()
 
     # -- load
     def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict[str, Any]:
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
@@ -494,11 +403,11 @@ class GLMModelParallelStrategy(ModelParallelStrategy):
         module = self.lightning_module
         strict = module.strict_loading
         optimizers = [getattr(o, "_optimizer", o) for o in self.optimizers]
-        if is_sharded_checkpoint(path):
+        if ckpt_formats.is_sharded(path):
             state: dict[str, Any] = {"state_dict": relayout_model_state(get_model_state_dict(self.model), layout, True)}
             for i, opt in enumerate(optimizers):
                 state[f"optimizer_{i}"] = relayout_optim_state(get_optimizer_state_dict(self.model, opt), layout, True)
-            dcp.load(state, checkpoint_id=path)
+            ckpt_formats.read_sharded_into(state, path)
             live = get_model_state_dict(self.model)
             msd = state["state_dict"]
             for k in layout:
@@ -514,8 +423,8 @@ class GLMModelParallelStrategy(ModelParallelStrategy):
                                                if isinstance(v, torch.Tensor) and v.ndim else v)
                                            for n, v in osd["state"][k].items()}
                 set_optimizer_state_dict(self.model, opt, osd)
-            return torch.load(path / META, map_location="cpu", weights_only=False)
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+            return ckpt_formats.load_meta(path)
+        ckpt = ckpt_formats.load_file(path)
         msd = relayout_model_state(dict(ckpt.pop("state_dict")), layout, canonical=False)
         set_model_state_dict(self.model, msd, options=StateDictOptions(full_state_dict=True, strict=strict))
         for opt, osd in zip(optimizers, ckpt.pop("optimizer_states", [])):
@@ -564,14 +473,25 @@ def build_strategy(run: Any, accelerator: str, topo: Topology | None = None, pre
         return GLMModelParallelStrategy(options=options, data_parallel_size=topo.dp, tensor_parallel_size=topo.tp,
                                         save_distributed_checkpoint=s.checkpoint == "sharded", process_group_backend=backend)
     if s.name == "deepspeed":
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
         from glmtrain.parallel.deepspeed_config import deepspeed_config
 
         plan = batch_plan(run, topo.dp)
         cfg = deepspeed_config(s, micro_batch=plan.micro, grad_clip=run.trainer.grad_clip, precision=precision)
-        return DeepSpeedStrategy(config=cfg, process_group_backend=backend)
+        return _deepspeed_strategy_class()(config=cfg, process_group_backend=backend)
     raise ValueError(f"strategy.name={s.name!r}")
+
+
+def _deepspeed_strategy_class():
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    class GLMDeepSpeedStrategy(DeepSpeedStrategy):
+        """DeepSpeed reads its files with weights_only=False: every file is opened safely first."""
+
+        def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict[str, Any]:
+            ckpt_formats.check_deepspeed(Path(checkpoint_path))
+            return super().load_checkpoint(checkpoint_path, weights_only)
+
+    return GLMDeepSpeedStrategy
 
 
 def describe(run: Any, topo: Topology, plan: BatchPlan) -> str:
