@@ -176,6 +176,7 @@ class LoggerConfig:
 class EvalConfig:
     baselines: list[int] = field(default_factory=lambda: [0, 2])  # Markov orders fit on the training windows
     unigram: bool = True  # token-frequency baseline scored on the same held-out tokens as the model
+    unigram_bases: int = 1_000_000  # bases of evenly spaced training windows the unigram counts come from
     final: bool = True
 
 

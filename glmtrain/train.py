@@ -181,7 +181,7 @@ def train(run: RunConfig) -> dict:
         # a token-frequency baseline where it differs from the base composition (MLM, multi-base tokens),
         # scored by the validation pass itself on the positions the model is scored on
         if run.eval.unigram and (run.objective.name == "mlm" or tok.name not in ("char", "byte")):
-            module.objective.set_unigram(unigram_logp(data.token_counts(), np.asarray(tok.acgt_ids)))
+            module.objective.set_unigram(unigram_logp(data.token_counts(run.eval.unigram_bases), np.asarray(tok.acgt_ids)))
         trainer.validate(module, datamodule=data, verbose=False, weights_only=True)
         module.objective.set_unigram(None)
         result["val_bits_per_base"] = module.last_val["bits_per_base"]

@@ -16,7 +16,7 @@ from glmtrain.train import train
 from tests._util import compose_run
 
 FAST = ["experiment=smoke", "trainer.progress=none", "trainer.max_steps=4", "trainer.val_every=0", "trainer.ckpt_every=2",
-        "data.max_val_windows=8", "eval.baselines=[]", "logger=none"]
+        "data.window=64", "data.max_val_windows=8", "eval.baselines=[]", "eval.unigram_bases=100000", "logger=none"]
 
 
 @pytest.mark.parametrize("model,objective", [("nt_v2", "mlm"), ("dnabert1", "mlm"), ("generator", "clm")])
@@ -25,9 +25,9 @@ def test_designs_train_and_report_beside_baselines(tmp_path, model, objective):
     assert result["steps"] == 4 and result["val_bases"] > 0 and result["val_tokens"] > 0
     base = result["baselines_bits_per_base"]
     assert set(base) == {"unigram"}
-    # k-mer tokens cover 6 bases (6-mer frequencies: ~1.9-2 bits per base); DNABERT's overlapping tokens
-    # count one base each (the 6-mer frequencies cost ~11 bits per token)
-    assert (8 < base["unigram"] < 12.1) if model == "dnabert1" else (1.7 < base["unigram"] < 2.05)
+    # k-mer tokens cover 6 bases (6-mer frequencies: ~2 bits per base; counted on 100 kb here, so a little
+    # worse); DNABERT's overlapping tokens count one base each (the 6-mer frequencies cost ~11 bits per token)
+    assert (8 < base["unigram"] < 12.5) if model == "dnabert1" else (1.7 < base["unigram"] < 2.4), base
     assert result["val_bits_per_base"] > 0
 
 
