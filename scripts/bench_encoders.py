@@ -1,6 +1,6 @@
 """MLM training throughput of glmtrain's NT-v2 against Hugging Face ``EsmForMaskedLM`` of the same dimensions.
 
-    python scripts/bench_encoders.py                           # CPU: NT-v2-100M dims, 128 tokens x 4, fp32
+    python scripts/bench_encoders.py                           # CPU: NT-v2-100M width, 4 layers, 128 tokens x 4, fp32
     python scripts/bench_encoders.py --seq 1024 --batch 32     # GPU (bf16 autocast): the issue's setting
     python scripts/bench_encoders.py --compile --attention flash_attn
 
@@ -124,7 +124,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seq", type=int, default=None, help="tokens per sample (default: 1024 on GPU, 128 on CPU)")
     ap.add_argument("--batch", type=int, default=None, help="samples per step (default: 32 on GPU, 4 on CPU)")
-    ap.add_argument("--layers", type=int, default=DIMS["n_layers"])
+    ap.add_argument("--layers", type=int, default=None, help="default: 22 (NT-v2-100M) on GPU, 4 on CPU")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="torch.compile every row")
@@ -134,13 +134,14 @@ def main() -> None:
     gpu = args.device == "cuda"
     args.seq = args.seq or (1024 if gpu else 128)
     args.batch = args.batch or (32 if gpu else 4)
-    args.steps = args.steps or (10 if gpu else 3)
+    args.steps = args.steps or (10 if gpu else 5)
+    args.layers = args.layers or (DIMS["n_layers"] if gpu else 4)
     torch.manual_seed(0)
     tok = build_tokenizer({"kind": "kmer", "k": 6, "add_cls": True})
     peak = args.peak_tflops * 1e12 if args.peak_tflops else measured_peak(args.device)
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
           f"{'bf16 autocast' if gpu else 'fp32'} seq={args.seq} batch={args.batch} layers={args.layers} "
-          f"compile={args.compile} peak={peak / 1e12:.1f} TFLOP/s ({'given' if args.peak_tflops else 'measured matmul'})")
+          f"compile={args.compile} peak={peak / 1e12:.3g} TFLOP/s ({'given' if args.peak_tflops else 'measured matmul'})")
     rows = []
     hf = hf_model(tok.n_tokens, args.layers)
     rows.append(bench("hf-esm (EsmForMaskedLM)", hf, lambda x: hf(input_ids=x).logits, args, tok.n_tokens, args.device, peak))
