@@ -163,7 +163,8 @@ class StepSeed(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         pos = int(getattr(pl_module, "consumed_samples", 0))
-        dp_rank = pl_module._dp()[0] if hasattr(pl_module, "_dp") else trainer.global_rank
+        # data rank: context-parallel ranks of one sequence draw the same numbers (dropout of shared tokens)
+        dp_rank = pl_module._dp()[0] // pl_module._cp()[1] if hasattr(pl_module, "_dp") else trainer.global_rank
         torch.manual_seed((self.seed * 1_000_003 + pos * 7919 + dp_rank * 104_729 + 17) % (2**63 - 1))
 
 

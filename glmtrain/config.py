@@ -97,6 +97,9 @@ class StrategyConfig:
     find_unused_parameters: bool = False  # ddp
     # --- fsdp / tp (Lightning ModelParallelStrategy: FSDP2 fully_shard per block + DTensor tensor parallel)
     tp_size: int = 1  # tensor-parallel degree; fsdp with tp_size>1 = 2-D; strategy=tp: 0 = all devices of a node
+    # context-parallel degree (strategy=fsdp, tp_size=1): each sequence split over this many ranks
+    # (ring attention; Hyena mixers gather the sequence) -- glmtrain.parallel.context
+    cp_size: int = 1
     sequence_parallel: bool = True  # tp: norms and residual stream split along the sequence
     vocab_parallel: bool = False  # tp: embedding and LM head split along the vocabulary
     reshard_after_forward: bool = True  # fsdp: free gathered parameters after each block's forward (ZeRO-3)
@@ -150,6 +153,8 @@ class TrainerConfig:
     deterministic: bool = False
     progress: str = "tqdm"  # tqdm | rich | none
     threads: int = 0  # torch intra-op threads per process (0 = torch default)
+    # peak TFLOP/s of one device for MFU (0 = from glmtrain.flops.PEAK_TFLOPS by GPU name; unknown on CPU)
+    peak_tflops: float = 0.0
     # Signal -> action (glmtrain.cluster). The handler only sets a flag; at the next optimizer-step
     # boundary all ranks agree, save a checkpoint and stop. requeue: then `scontrol requeue` the SLURM
     # job (which resumes from that checkpoint) | stop: no requeue | ignore.

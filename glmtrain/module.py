@@ -58,6 +58,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return list(groups.values())
 
 
+def _deferred(run: RunConfig) -> bool:
+    """Build on the meta device (materialised in configure_model) for sharded strategies and on GPUs."""
+    import torch
+
+    if run.strategy.name in ("fsdp", "tp"):
+        return True
+    gpu = run.trainer.accelerator in ("gpu", "cuda") or (run.trainer.accelerator == "auto" and torch.cuda.is_available())
+    return gpu and run.strategy.name in ("auto", "ddp", "ddp_spawn")
+
+
 class GLMModule(L.LightningModule):
     def __init__(self, run: RunConfig | dict):
         super().__init__()
@@ -70,7 +80,17 @@ class GLMModule(L.LightningModule):
         # vocabulary (tokenizer.n_tokens) and embedding rows (tokenizer.vocab_size, padded) are distinct numbers
         self.tokenizer = build_tokenizer(run.model.tokenizer, run_dir=run.run_dir)
         self.objective = build_objective(run.objective, self.tokenizer)
-        self.model = build_model(run.model, self.tokenizer.vocab_size)
+        # name-seeded initialisation (glmtrain.models.init): identical for a plain build and for a meta-device
+        # build materialised shard by shard.  Sharded strategies and GPUs build on the meta device and
+        # materialise in configure_model (block by block while sharding, or directly on the device).
+        self.model = build_model(run.model, self.tokenizer.vocab_size, seed=run.seed, meta=_deferred(run))
+        from glmtrain.flops import count
+        from glmtrain.parallel.strategies import seq_tokens
+
+        # model FLOPs per training token (fwd + bwd) from the unsharded shapes, for MFU (glmtrain.flops)
+        self.flops = count(self.model, seq_tokens(run), run.trainer.micro_batch_size)
+        self._peak_flops: float | None = None
+        self._loss_scale: float | None = None
         self.consumed_samples = 0  # global samples consumed; the data stream's resume position
         self._t_last: float | None = None
         self._tokens_since = 0
@@ -82,7 +102,8 @@ class GLMModule(L.LightningModule):
     # ------------------------------------------------------------------ helpers
     def _generator(self, salt: int) -> torch.Generator:
         g = torch.Generator(device=self.device)
-        g.manual_seed((self.run.seed * 1_000_003 + salt * 7919 + self._dp()[0]) % (2**63 - 1))
+        # per data rank: the ranks of one context-parallel group draw the same MLM masks for their shared samples
+        g.manual_seed((self.run.seed * 1_000_003 + salt * 7919 + self._dp()[0] // self._cp()[1]) % (2**63 - 1))
         return g
 
     def _dp(self) -> tuple[int, int, Any]:
@@ -91,14 +112,35 @@ class GLMModule(L.LightningModule):
 
         return data_parallel(self._trainer)
 
+    def _cp(self) -> tuple[int, int, Any]:
+        """(rank, size, group) of this process in its context-parallel group (strategy.cp_size)."""
+        from glmtrain.parallel.strategies import context_parallel
+
+        return context_parallel(self)
+
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         _, dp, group = self._dp()
         if dp > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(t, group=group)
         return t
 
+    def materialize(self, device: Any = "cpu", prefix: str = "") -> int:
+        """Allocate and initialise the meta-device parameters of ``model.<prefix>`` (all: "") on ``device``."""
+        from glmtrain.models.init import materialize
+
+        return materialize(self.model, device, self.run.seed, prefix)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As torch's; a meta-device model is materialised (on the CPU) first, so that loading fills it."""
+        from glmtrain.models.init import has_meta
+
+        if has_meta(self.model):
+            self.materialize("cpu")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def configure_model(self) -> None:
-        """FSDP2 / tensor parallelism (strategy=fsdp|tp): shard ``self.model`` by its family's plan (glmtrain.parallel)."""
+        """Materialise a meta-built model on the device; FSDP2 / tensor / context parallelism
+        (strategy=fsdp|tp): materialise and shard ``self.model`` block by block by its family's plan."""
         from glmtrain.parallel.strategies import apply_parallelism, is_deepspeed
 
         if is_deepspeed(self._trainer):
@@ -119,7 +161,16 @@ class GLMModule(L.LightningModule):
 
     def _step(self, batch: dict, generator: torch.Generator | None):
         prepared = self.objective.prepare(batch["input_ids"], batch.get("loss_weight"), generator)
-        logits = self.model(prepared.inputs, **self._mask_kw(batch.get("attention_mask")))
+        cp_rank, cp, _ = self._cp()
+        if cp > 1:  # context parallel: this rank's chunk of every sequence, labels aligned globally
+            from glmtrain.parallel.context import chunk_prepared
+
+            prepared = chunk_prepared(prepared, cp_rank, cp)
+            # ring attention has no padding masks: configs that pad (multi-base tokenizers, ALiBi,
+            # learned positions) are refused with context parallelism before anything starts
+            logits = self.model(prepared.inputs)
+        else:
+            logits = self.model(prepared.inputs, **self._mask_kw(batch.get("attention_mask")))
         return self.objective.loss(logits, prepared)
 
     # ----------------------------------------------------------------- training
@@ -130,41 +181,57 @@ class GLMModule(L.LightningModule):
 
         Each micro-step returns its unnormalised sum(w * CE) times a fixed constant; the exact factor
         (the global weight sum is only known after the last micro-batch) is applied to the gradients in
-        :meth:`on_before_optimizer_step`.  Under DeepSpeed (gradients are partitioned inside the engine)
-        each micro-batch is normalised by its weight sum over the ranks instead (exact without accumulation).
+        :meth:`on_before_optimizer_step` -- under DeepSpeed, whose partitioned gradients live inside the
+        engine, as the ZeRO optimizer's external loss scale, which it divides out before clipping and the
+        update.  (DeepSpeed under fp16 keeps its dynamic loss scaler: there each micro-batch is normalised
+        by its own weight sum over the ranks instead, exact without accumulation.)
         """
-        from glmtrain.parallel.strategies import is_deepspeed
-
         _, dp, _ = self._dp()
+        data = dp // self._cp()[1]  # ranks reading different samples
         micro, seq = batch["input_ids"].shape[0], batch["input_ids"].shape[1]
         salt = self.consumed_samples  # masking depends on the stream position: identical after resume
-        self.consumed_samples += micro * dp
+        self.consumed_samples += micro * data
         loss, stats = self._step(batch, self._generator(salt) if self.objective.name == "mlm" else None)
         wsum = stats["weight"]
         total = loss * wsum.clamp_min(1e-8)  # sum(w * CE) of this micro-batch
         sums = torch.stack([total.detach(), wsum.detach(), stats["nats"].detach(), stats["bases"].detach()]).double()
         self._loss_sums = sums if getattr(self, "_loss_sums", None) is None else self._loss_sums + sums
-        self._tokens_since += batch["input_ids"].numel() * dp
-        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
-        if is_deepspeed(self._trainer):
+        self._tokens_since += batch["input_ids"].numel() * data
+        ds = self._deepspeed_optimizer()
+        if ds is False:  # DeepSpeed with its own (fp16) loss scaler: per-micro-batch normalisation
+            accumulate = self.trainer.accumulate_grad_batches
             w = self._all_reduce(wsum.detach().double().clone())
             # DeepSpeed averages over ranks and divides by its accumulation steps, and Lightning divides once more
             return total * (dp * accumulate / w.clamp_min(1e-8)).to(total.dtype)
-        self._loss_scale = 1.0 / (micro * seq)  # keeps the returned value O(1) (fp16 loss scaling, logs)
+        if ds is not None:
+            ds.override_loss_scale(1.0)  # backward of this micro-batch unscaled; the step's divisor comes later
+        if self._loss_scale is None:  # one constant for the whole run: on_before_optimizer_step divides it out
+            self._loss_scale = 1.0 / (micro * seq)  # keeps the returned value O(1) (fp16 loss scaling, logs)
         return total * self._loss_scale
+
+    def _deepspeed_optimizer(self):
+        """None (not DeepSpeed), the ZeRO optimizer when it takes an external loss scale, or False (fp16)."""
+        from glmtrain.parallel.strategies import is_deepspeed
+
+        if not is_deepspeed(self._trainer):
+            return None
+        opt = self.trainer.strategy.deepspeed_engine.optimizer
+        fp16 = self.trainer.strategy.config.get("fp16", {}).get("enabled", False)
+        return opt if hasattr(opt, "override_loss_scale") and not fp16 else False
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Exact global normalisation of the accumulated gradients, clipping, and the global loss for the logs."""
-        from glmtrain.parallel.strategies import clip_grad_norm, is_deepspeed
+        from glmtrain.parallel.strategies import clip_grad_norm
 
         sums = getattr(self, "_loss_sums", None)
-        if sums is None:
-            return
+        ds = self._deepspeed_optimizer()
+        if sums is None or (ds is not None and not self.trainer.strategy.deepspeed_engine.is_gradient_accumulation_boundary()):
+            return  # (DeepSpeed accumulates inside the engine: Lightning calls this hook after every micro-batch)
         self._loss_sums = None
         _, dp, _ = self._dp()
         total, wsum, nats, bases = self._all_reduce(sums.clone()).tolist()
-        if not is_deepspeed(self._trainer):
-            accumulate = self.trainer.accumulate_grad_batches
+        accumulate = self.trainer.accumulate_grad_batches
+        if ds is None:
             # gradients now hold mean over dp ranks of (1/accumulate) sum_a scale * d sum(w*CE)
             factor = accumulate * dp / (self._loss_scale * max(wsum, 1e-8))
             params = [p for p in self.parameters() if p.grad is not None]
@@ -172,16 +239,36 @@ class GLMModule(L.LightningModule):
                 p.grad.mul_(factor)
             if self.run.trainer.grad_clip:
                 clip_grad_norm(params, self.run.trainer.grad_clip)
+        elif ds is not False:
+            # the engine holds mean over dp of (1/accumulate^2) sum_a scale * d sum(w*CE) (Lightning and DeepSpeed
+            # each divide by the accumulation steps); the ZeRO optimizer divides its gradients by this external
+            # loss scale before clipping (on the unscaled norm) and the update
+            ds.override_loss_scale(self._loss_scale * max(wsum, 1e-8) / (dp * accumulate * accumulate))
         self.log("loss", total / max(wsum, 1e-8), prog_bar=True, on_step=True, batch_size=1)
         self.log("train/bits_per_base", bits_per_base(nats, bases), on_step=True, batch_size=1)
+
+    def on_fit_start(self) -> None:
+        from glmtrain.flops import peak_flops
+
+        self._peak_flops = peak_flops(self.device, self.run.trainer.peak_tflops)
+        if self.trainer.is_global_zero:
+            peak = f"{self._peak_flops / 1e12:.0f} TFLOP/s per device" if self._peak_flops else "unknown peak: set trainer.peak_tflops for MFU"
+            print(f"glmtrain: model FLOPs {self.flops.describe()}; {peak}", flush=True)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if (batch_idx + 1) % self.trainer.accumulate_grad_batches:
             return
         now = time.perf_counter()
         if self._t_last is not None and now > self._t_last:
-            tok_s = self._tokens_since / (now - self._t_last)
+            from glmtrain.flops import mfu
+
+            tok_s = self._tokens_since / (now - self._t_last)  # all data-parallel ranks' tokens
             self.log("tok_s", tok_s, prog_bar=True, on_step=True, batch_size=1, reduce_fx="max")
+            devices = self.trainer.world_size if self._trainer is not None else 1
+            self.log("tflops", tok_s * self.flops.train / devices / 1e12, on_step=True, batch_size=1, reduce_fx="max")
+            u = mfu(tok_s, self.flops.train, devices, self._peak_flops)
+            if u is not None:
+                self.log("mfu", u, prog_bar=True, on_step=True, batch_size=1, reduce_fx="max")
             self.train_tokens_timed += self._tokens_since
             self.train_seconds_timed += now - self._t_last
         self._t_last, self._tokens_since = now, 0
@@ -242,7 +329,7 @@ class GLMModule(L.LightningModule):
             "version": __version__,
             "consumed_samples": self.consumed_samples,
             "fingerprint": compat_fingerprint(self.run),
-            "world_size": self._dp()[1],  # data-parallel ranks (the data stream's divisor)
+            "world_size": self._dp()[1] // self._cp()[1],  # data ranks (the data stream's divisor)
             "world_size_total": self.trainer.world_size if self._trainer is not None else 1,
             "micro_batch_size": self.run.trainer.micro_batch_size,
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},

@@ -119,7 +119,7 @@ def train(run: RunConfig) -> dict:
     topo = parallel.topology(run)  # world from torchrun/SLURM when launched by them, else trainer.devices x num_nodes
     if resume is not None:
         refuse_foreign(resume, run.strategy.name)  # DeepSpeed <-> others: one line
-    batch = parallel.batch_plan(run, topo.dp)  # micro-batch and accumulation derived from the world size
+    batch = parallel.batch_plan(run, topo.data)  # micro-batch and accumulation derived from the world size
     _say(parallel.describe(run, topo, batch))
     data = GenomeDataModule(run.data, module.tokenizer, batch.micro, run.seed)
     t = run.trainer
@@ -198,6 +198,12 @@ def train(run: RunConfig) -> dict:
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     if module.train_tokens_timed:
         result["train_tok_s"] = round(module.train_tokens_timed / module.train_seconds_timed, 1)
+        result["flops_per_token"] = module.flops.train  # model FLOPs, fwd + bwd (glmtrain.flops)
+        from glmtrain.flops import mfu
+
+        u = mfu(result["train_tok_s"], module.flops.train, trainer.world_size, module._peak_flops)
+        if u is not None:
+            result["train_mfu"] = round(u, 4)
     if trainer.is_global_zero:
         (run_dir / "final.json").write_text(json.dumps(result, indent=2) + "\n")
         report(run, result)
@@ -223,5 +229,6 @@ def report(run: RunConfig, result: dict) -> None:
     for name, v in result.get("baselines_bits_per_base", {}).items():
         label = f"unigram ({run.model.tokenizer.kind}) baseline" if name == "unigram" else f"Markov {name} baseline"
         lines.append(f"  {label:<32} {v:.4f}")
-    lines.append(f"  wall time {result['wall_s']:.1f} s" + (f", training {result['train_tok_s']:.0f} tokens/s" if "train_tok_s" in result else ""))
+    lines.append(f"  wall time {result['wall_s']:.1f} s" + (f", training {result['train_tok_s']:.0f} tokens/s" if "train_tok_s" in result else "")
+                 + (f", MFU {100 * result['train_mfu']:.1f} %" if "train_mfu" in result else ""))
     print("\n".join(lines), file=sys.stdout, flush=True)

@@ -97,7 +97,7 @@ def main() -> int:
     ap.add_argument("--out", default="/tmp/glmtrain_gpu_deepspeed")
     ap.add_argument("--json", default="")
     ap.add_argument("--rows", default="", help="comma-separated row numbers (0-based) to run; default all")
-    ap.add_argument("--accelerator", default="gpu", help="cpu: dry run of the plumbing (DeepSpeed rows are refused there)")
+    ap.add_argument("--accelerator", default="gpu", help="cpu: dry run of the plumbing (DeepSpeed on its CPU accelerator; the offload row needs a compiler)")
     a = ap.parse_args()
     t_start = time.time()
     base = Path(a.out)

@@ -4,7 +4,8 @@
     python scripts/parity.py SPEC.json                          # one process
     torchrun --nproc_per_node 2 scripts/parity.py SPEC.json     # every rank runs every job
 
-SPEC is JSON: ``{"jobs": [{"overrides": ["model=hyena", ...], "run_dir": "..."}, ...], "ports": [...]}``
+SPEC is JSON: ``{"jobs": [{"overrides": ["model=hyena", ...], "run_dir": "...", "resume_from": "..."}, ...],
+"ports": [...]}`` (``resume_from``, optional: a checkpoint copied into the job's run directory first);
 (under torchrun, job i > 0 rendezvouses on ``ports[i]``, or ``port_base + i``); each job
 is composed from ``conf/`` with the overrides (as on the command line), validated, and trained by
 :func:`glmtrain.train.train` -- exactly what ``python -m glmtrain`` does.  Each ``train`` ends with
@@ -20,12 +21,28 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+def _copy_checkpoint(src: Path, ckpt_dir: Path, rank: int, timeout: float = 120.0) -> None:
+    """Rank 0 copies (under a temporary name, then renamed); the other ranks wait until it is in place."""
+    import time
+
+    dst = ckpt_dir / src.name
+    if rank == 0 and src.exists() and not dst.exists():
+        tmp = ckpt_dir / f".{src.name}.copy"
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp)
+        os.replace(tmp, dst)
+    t0 = time.time()
+    while src.exists() and not dst.exists() and time.time() - t0 < timeout:
+        time.sleep(0.05)
 
 
 def main(argv: list[str]) -> int:
@@ -49,6 +66,8 @@ def main(argv: list[str]) -> int:
             os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"
             os.environ["MASTER_PORT"] = str(port)
         overrides = ["name=parity", *job["overrides"], f"run_dir={job['run_dir']}"]
+        if job.get("resume_from"):  # resume another job's checkpoint (resharded): copy it in first
+            _copy_checkpoint(Path(job["resume_from"]), Path(job["run_dir"]) / "checkpoints", rank)
         try:
             with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
                 cfg = compose("config", overrides=overrides)

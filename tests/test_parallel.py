@@ -78,16 +78,37 @@ def test_plan_covers_every_linear_layer(family):
                     assert any(plans._has(sub, n) for n in style.params), f"{family} block {bi}: {name} lost its parameters"
 
 
-@pytest.mark.parametrize("chunks,tp", [(3, 2), (3, 4), (1, 2), (2, 2)])
-def test_fused_layout_round_trip_and_shards(chunks, tp):
-    rows = chunks * 4 * tp
-    x = torch.arange(rows * 3, dtype=torch.float32).view(rows, 3)
-    planned = plans.to_planned(x, chunks, tp)
-    assert torch.equal(plans.to_canonical(planned, chunks, tp), x)
-    n = rows // chunks
-    for r, shard in enumerate(planned.chunk(tp)):  # rank r holds the r-th slice of every chunk
-        want = torch.cat([x[j * n:(j + 1) * n].chunk(tp)[r] for j in range(chunks)])
-        assert torch.equal(shard, want)
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tp_shards_of_fused_projections_are_contiguous_slices(tp):
+    """Tensor-parallel-native layouts: the contiguous row slice r of a fused projection (what a Colwise
+    shard holds, and what checkpoints store unpermuted) computes exactly heads / channels r of the
+    full module -- nothing is permuted when sharding, saving or loading."""
+    from glmtrain.models.layers import RopeAttention, split_interleaved
+
+    torch.manual_seed(0)
+    attn = RopeAttention(32, 4, causal=True, qkv_bias=True, out_bias=True, rope_base=1e4, rope_interpolation=1.0).double()
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    q, k, v = attn.heads(x)
+    rows, h = attn.qkv.weight.shape[0] // tp, 4 // tp
+    for r in range(tp):
+        local = nn.Linear(32, rows).double()
+        local.weight.data.copy_(attn.qkv.weight[r * rows:(r + 1) * rows])
+        local.bias.data.copy_(attn.qkv.bias[r * rows:(r + 1) * rows])
+        shard = RopeAttention(32, 4, causal=True, qkv_bias=True, out_bias=True, rope_base=1e4, rope_interpolation=1.0)
+        shard.qkv = local
+        for got, want in zip(shard.heads(x), (q, k, v)):
+            assert torch.equal(got, want[:, r * h:(r + 1) * h])
+    # Hyena projections (d -> 3d) and their featurizer conv: channel-interleaved rows
+    d, c = 8, 8 // tp
+    z, w, b = torch.randn(2, 9, 3 * d), torch.randn(3 * d, 1, 3), torch.randn(3 * d)
+    zc, wc, bc = split_interleaved(z, w, b)  # [post; pre; v] chunks of all channels
+    for r in range(tp):
+        sl = slice(3 * c * r, 3 * c * (r + 1))
+        zl, wl, bl = split_interleaved(z[..., sl], w[sl], b[sl])
+        for j in range(3):  # chunk j of the shard = channels r of chunk j of the whole
+            whole = slice(j * d + r * c, j * d + (r + 1) * c)
+            assert torch.equal(zl[:, j * c:(j + 1) * c], zc[:, whole])
+            assert torch.equal(wl[j * c:(j + 1) * c], wc[whole]) and torch.equal(bl[j * c:(j + 1) * c], bc[whole])
 
 
 def test_tp_problems_name_the_sizes():
@@ -109,7 +130,11 @@ def test_tp_problems_name_the_sizes():
     (["trainer.global_batch_tokens=100"], "not a multiple of the tokens per sample (64"),
     (["strategy=ddp", "trainer.devices=3", "trainer.global_batch_tokens=256"], "3 data-parallel ranks cannot share"),
     (["trainer.global_batch_tokens=256", "trainer.accumulate=2"], "leave trainer.accumulate=1"),
-], ids=["tp-heads", "tp-world", "tp-channels", "tp-without-tp", "tokens-window", "tokens-ranks", "tokens-accumulate"])
+    (["strategy=fsdp", "trainer.devices=2", "strategy.cp_size=3"], "strategy.cp_size=3 does not divide the data-parallel size 2"),
+    (["strategy=fsdp_tp", "trainer.devices=4", "+strategy.cp_size=2"], "context parallelism runs under strategy=fsdp with tp_size=1"),
+    (["strategy=fsdp", "trainer.devices=2", "strategy.cp_size=2", "data.window=63"], "does not divide the sequence length (63"),
+], ids=["tp-heads", "tp-world", "tp-channels", "tp-without-tp", "tokens-window", "tokens-ranks", "tokens-accumulate",
+        "cp-world", "cp-with-tp", "cp-length"])
 def test_refusals_are_one_line(overrides, expected):
     with pytest.raises(ConfigError) as e:
         compose_run([*CPU, *overrides])
@@ -125,12 +150,18 @@ def test_deepspeed_without_the_package_is_refused(monkeypatch):
         compose_run([*CPU, "strategy=deepspeed"])
 
 
-def test_deepspeed_on_cpu_is_refused(monkeypatch):
+def test_deepspeed_on_cpu_builds_the_cpu_capable_strategy(monkeypatch):
+    """Lightning's DeepSpeedStrategy refuses CPU; glmtrain's subclass runs on DeepSpeed's CPU accelerator
+    (trained and compared with one process in test_parallel_parity.py and test_scale.py)."""
     import glmtrain.parallel as par
+    from glmtrain.parallel.deepspeed_strategy import GLMDeepSpeedStrategy
 
     monkeypatch.setattr(par, "deepspeed_available", lambda: True)
-    with pytest.raises(ConfigError, match=r"strategy=deepspeed needs a GPU .*use strategy=fsdp"):
-        compose_run([*CPU, "strategy=deepspeed"])
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    run = compose_run([*CPU, "strategy=deepspeed", "trainer.devices=2", "strategy.zero_stage=3"])
+    s = build_strategy(run, "cpu")
+    assert isinstance(s, GLMDeepSpeedStrategy) and s.process_group_backend == "gloo"
+    assert s.config["zero_optimization"]["stage"] == 3
 
 
 def test_family_without_plan_or_tp_is_refused(monkeypatch):

@@ -20,7 +20,6 @@ import csv
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -48,12 +47,16 @@ STRATEGIES: dict[str, tuple[int, list[str]]] = {
     "tp": (2, ["strategy=tp", "trainer.devices=2"]),
     "tp_vocab_nosp": (2, ["strategy=tp", "trainer.devices=2", "strategy.vocab_parallel=true", "strategy.sequence_parallel=false"]),
     "fsdp_tp": (4, ["strategy=fsdp_tp", "trainer.devices=4"]),
+    # Lightning's DeepSpeedStrategy through GLMModule on DeepSpeed's CPU accelerator (GLMDeepSpeedStrategy)
+    "deepspeed": (2, ["strategy=deepspeed", "trainer.devices=2", "strategy.zero_stage=2"]),
+    # context parallel: each window split over the 2 ranks (ring attention, gathered Hyena mixers)
+    "fsdp_cp": (2, ["strategy=fsdp", "trainer.devices=2", "strategy.cp_size=2"]),
 }
 # (written under, resumed under): the examples plus file -> 2-D
 RESUMES = [("fsdp", "ddp"), ("tp", "single"), ("ddp", "fsdp_tp")]
-# launch order (strategies of one launch share its processes): a resume runs in the launch of its
-# target strategy, after its source was written
-LAUNCHES = [["fsdp"], ["tp", "tp_vocab_nosp"], ["ddp"], ["fsdp_tp"], ["single"]]
+# launch order (strategies of one launch share its processes and pay start-up once): a resume runs in
+# the launch of its target strategy, after every job of that launch (its source was written before)
+LAUNCHES = [["fsdp", "ddp", "tp", "tp_vocab_nosp", "fsdp_cp", "deepspeed"], ["fsdp_tp"], ["single"]]
 
 
 def base_overrides(cache: Path) -> list[str]:
@@ -110,20 +113,20 @@ class Launches:
 
     def launch(self, group: list[str]) -> None:
         strategy = group[0]
-        nproc, extra = STRATEGIES[strategy]
+        nproc = STRATEGIES[strategy][0]
         base = base_overrides(self.cache)
         jobs = [{"overrides": [*base, *FAMILIES[f], *STRATEGIES[s][1]], "run_dir": str(self.run_dir(s, f))}
                 for s in group for f in FAMILIES]
         for src, dst in RESUMES:
-            if dst != strategy:
+            if dst not in group:
                 continue
             for f in FAMILIES:
                 d = self.resume_dir(src, dst, f)
                 ckpt = self.run_dir(src, f) / "checkpoints" / "step=00000002.ckpt"
-                if ckpt.exists():
-                    (d / "checkpoints").mkdir(parents=True, exist_ok=True)
-                    (shutil.copytree if ckpt.is_dir() else shutil.copy2)(ckpt, d / "checkpoints" / ckpt.name)
-                jobs.append({"overrides": [*base, *FAMILIES[f], *extra], "run_dir": str(d)})
+                # copied into d/checkpoints by scripts/parity.py when the job starts (the source may be
+                # written earlier in the same launch)
+                jobs.append({"overrides": [*base, *FAMILIES[f], *STRATEGIES[dst][1]], "run_dir": str(d),
+                             "resume_from": str(ckpt)})
         ports = _free_ports(len(jobs) + 1)
         spec = self.base / f"{strategy}.json"
         # job 0 rendezvouses on torchrun's --master_port; job i > 0 on its own free port
@@ -184,7 +187,7 @@ def test_loss_parity(runs, family, strategy):
     assert len(got) == STEPS, runs.why(strategy)
     diffs = {k: abs(got[k] - ref[k]) for k in ref}
     assert max(diffs.values()) <= TOL, f"{family}/{strategy}: {got} vs single {ref}"
-    if strategy != "ddp":  # the model really was sharded
+    if strategy not in ("ddp", "deepspeed"):  # the model really was sharded (DeepSpeed: inside its engine)
         m = re.search(rf"sharded {family} \(tp (\d), fsdp (on|off)\): ([\d,]+) of ([\d,]+) parameter values", runs.logs[strategy])
         assert m, runs.why(strategy)
         local, total = (int(m.group(i).replace(",", "")) for i in (3, 4))

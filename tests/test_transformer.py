@@ -40,7 +40,7 @@ def test_sdpa_matches_explicit_attention():
     m = _model()
     attn = m.blocks[0].attn
     x = torch.randn(2, 17, 32, dtype=torch.float64)
-    q, k, v = attn.qkv(x).view(2, 17, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    q, k, v = attn.qkv(x).view(2, 17, 4, 3, 8).permute(3, 0, 2, 1, 4)  # head-major fused layout
     q, k = attn.rope(q, k)
     s = q @ k.transpose(-1, -2) / math.sqrt(8)
     s = s.masked_fill(torch.ones(17, 17, dtype=torch.bool).triu(1), float("-inf"))

@@ -9,7 +9,8 @@ GELU -> LayerNorm -> decoder + bias), optional token dropout -- which is exactly
 ``esm.embeddings.word_embeddings``                           ``embed`` (first ``n_tokens`` rows)
 ``esm.embeddings.position_embeddings`` rows ``pad+1+p``      ``pos_embed`` row ``p`` (ESM numbers real
                                                              tokens from ``padding_idx + 1``)
-``esm.encoder.layer.i.attention.self.{query,key,value}``     ``blocks.i.attn.qkv`` (stacked q, k, v)
+``esm.encoder.layer.i.attention.self.{query,key,value}``     ``blocks.i.attn.qkv`` (head-major: q, k, v of head 0,
+                                                             then of head 1, ...)
 ``esm.encoder.layer.i.attention.output.dense``               ``blocks.i.attn.out``
 ``esm.encoder.layer.i.attention.LayerNorm``                  ``blocks.i.norm1``
 ``esm.encoder.layer.i.LayerNorm``                            ``blocks.i.norm2``
@@ -141,11 +142,14 @@ def glmtrain_to_esm(cfg: TransformerConfig, state: dict[str, torch.Tensor], n_to
     if cfg.position == "learned":
         pos = state["pos_embed.weight"]
         out["esm.embeddings.position_embeddings.weight"] = torch.cat([pos.new_zeros(pad_id + 1, d), pos])
+    h = cfg.n_heads
     for i in range(cfg.n_layers):
-        qkv_w, qkv_b = state[f"blocks.{i}.attn.qkv.weight"], state[f"blocks.{i}.attn.qkv.bias"]
+        # glmtrain's fused qkv is head-major (rows h * 3 * head_dim + j * head_dim + r); ESM's q, k, v are separate
+        qkv_w = state[f"blocks.{i}.attn.qkv.weight"].view(h, 3, d // h, d)
+        qkv_b = state[f"blocks.{i}.attn.qkv.bias"].view(h, 3, d // h)
         for j, name in enumerate(("query", "key", "value")):
-            out[f"esm.encoder.layer.{i}.attention.self.{name}.weight"] = qkv_w[j * d:(j + 1) * d].clone()
-            out[f"esm.encoder.layer.{i}.attention.self.{name}.bias"] = qkv_b[j * d:(j + 1) * d].clone()
+            out[f"esm.encoder.layer.{i}.attention.self.{name}.weight"] = qkv_w[:, j].reshape(d, d).clone()
+            out[f"esm.encoder.layer.{i}.attention.self.{name}.bias"] = qkv_b[:, j].reshape(d).clone()
         for hk, gk in _layer_map(i):
             out[hk] = state[gk].clone()
     for hk, gk in _top_map():
@@ -174,10 +178,13 @@ def esm_to_glmtrain(hf_state: dict[str, torch.Tensor], cfg: TransformerConfig, v
                 raise ConversionError(f"position table has {pos.shape[0]} rows; model.max_seq_len={cfg.max_seq_len} "
                                       f"needs {pad_id + 1 + cfg.max_seq_len}")
             out["pos_embed.weight"] = pos[pad_id + 1: pad_id + 1 + cfg.max_seq_len].clone()
+        h, d = cfg.n_heads, cfg.d_model
         for i in range(cfg.n_layers):
             p = f"esm.encoder.layer.{i}.attention.self."
-            out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([hf_state[p + n + ".weight"] for n in ("query", "key", "value")])
-            out[f"blocks.{i}.attn.qkv.bias"] = torch.cat([hf_state[p + n + ".bias"] for n in ("query", "key", "value")])
+            w = torch.stack([hf_state[p + n + ".weight"].view(h, d // h, d) for n in ("query", "key", "value")], 1)
+            b = torch.stack([hf_state[p + n + ".bias"].view(h, d // h) for n in ("query", "key", "value")], 1)
+            out[f"blocks.{i}.attn.qkv.weight"] = w.reshape(3 * d, d)  # head-major fused layout
+            out[f"blocks.{i}.attn.qkv.bias"] = b.reshape(3 * d)
             for hk, gk in _layer_map(i):
                 out[gk] = hf_state[hk].clone()
         for hk, gk in _top_map():

@@ -35,6 +35,22 @@ def model_class(family: str) -> type[GenomicModel]:
     return getattr(importlib.import_module(mod), model_cls)
 
 
-def build_model(cfg: Any, vocab_size: int) -> GenomicModel:
-    """Build from a validated family config dataclass instance."""
-    return model_class(cfg.family)(cfg, vocab_size)
+def build_model(cfg: Any, vocab_size: int, *, seed: int | None = None, meta: bool = False,
+                device: Any = "cpu") -> GenomicModel:
+    """Build from a validated family config dataclass instance.
+
+    ``meta=True``: parameters on the meta device (no memory), to be materialised later, shard by shard
+    (:func:`glmtrain.models.init.materialize` with ``seed``).  ``seed`` without ``meta``: the plain build,
+    materialised at once on ``device`` by the same name-seeded rules -- identical to any sharded
+    materialisation with that seed.  Neither: the classic constructor (torch's global RNG).
+    """
+    cls = model_class(cfg.family)
+    if seed is None and not meta:
+        return cls(cfg, vocab_size)
+    from glmtrain.models.init import materialize, meta_parameters
+
+    with meta_parameters():
+        model = cls(cfg, vocab_size)
+    if not meta:
+        materialize(model, device, seed)
+    return model

@@ -52,6 +52,14 @@ class GenomicModel(nn.Module):
         """Final hidden states [B, L, d] (for fine-tuning heads and embeddings)."""
         raise NotImplementedError
 
+    def init_module(self, name: str, module: nn.Module) -> None:
+        """Initialise the parameters ``module`` (qualified ``name``) owns directly, after a meta-device
+        build (:func:`glmtrain.models.init.materialize`; torch's RNG is already seeded by name).
+        Default: the module's ``reset_parameters()``; families add their own rules (GPT-2 init)."""
+        from glmtrain.models.init import reset_module
+
+        reset_module(name, module)
+
     def no_decay_param_names(self) -> set[str]:
         """Parameters excluded from weight decay beyond norms/biases/embeddings."""
         return set()

@@ -14,7 +14,8 @@ the vortex/savanna configs ``evo2-{1b-8k,7b-1m,40b-1m}.yml`` and the small
 * every block is ``x += mixer(RMSNorm(x)); x += MLP(RMSNorm(x))`` with a gated
   MLP ``l3(act(l1 x) * l2 x)``;
 * Hyena blocks: projection d->3d (no bias), depthwise causal featurizer conv of
-  length 3 (no bias), split (post, pre, v), ``y = post * (h * (pre * v) [+ D * (pre * v)])``,
+  length 3 (no bias), split (post, pre, v) -- rows stored channel-interleaved (3c+j = component j of
+  channel c; tensor-parallel-native, see ``layers.split_interleaved``), ``y = post * (h * (pre * v) [+ D * (pre * v)])``,
   output projection d->d with bias;
 * attention: fused qkv without bias, output projection *with* bias;
 * released-checkpoint quirks as options: ``mlp_act_first_layer_only`` (GELU only in
@@ -43,7 +44,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from glmtrain.models.base import GenomicModel, ModelConfig
-from glmtrain.models.layers import RMSNorm, RopeAttention, SwiGLU, gpt2_init
+from glmtrain.models.layers import RMSNorm, RopeAttention, SwiGLU, gpt2_init, gpt2_init_module, split_interleaved
 from glmtrain.models.ops import (
     direct_causal_conv,
     fft_causal_conv,
@@ -125,7 +126,7 @@ class ExplicitFilter(nn.Module):
         if d % groups:
             raise ValueError(f"d_model={d} is not divisible by filter groups={groups}")
         self.d, self.groups, self.length = d, groups, length
-        self.h = nn.Parameter(torch.randn(groups, length) / math.sqrt(length))
+        self.h = nn.Parameter(torch.empty(groups, length))
         if decay is not None:
             fast, slow, target = decay
             t = torch.arange(length, dtype=torch.float64) / length
@@ -134,6 +135,12 @@ class ExplicitFilter(nn.Module):
         else:
             self.window = None
         self.D = nn.Parameter(torch.zeros(d)) if skip else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.h, 0.0, 1 / math.sqrt(self.length))
+        if self.D is not None:
+            nn.init.zeros_(self.D)
 
     def materialize(self) -> torch.Tensor:
         """Effective per-group filter [G, K] (window applied); index 0 = current token."""
@@ -154,16 +161,26 @@ class ModalFilter(nn.Module):
         if d % groups:
             raise ValueError(f"d_model={d} is not divisible by li_filter_groups={groups}")
         self.d, self.groups, self.state_size = d, groups, state_size
-        lo, hi = math.log(rate_min), math.log(rate_max)
+        self.rate_range = (rate_min, rate_max)
+        self.log_rate = nn.Parameter(torch.empty(groups, state_size))
+        self.residues = nn.Parameter(torch.empty(groups, state_size))
+        self.D = nn.Parameter(torch.zeros(d))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        lo, hi = (math.log(r) for r in self.rate_range)
+        g, n = self.log_rate.shape
         # each group gets modes spread log-uniformly over [rate_min, rate_max], with jitter
-        base = torch.linspace(lo, hi, state_size, dtype=torch.float64)
-        jitter = (torch.rand(groups, state_size, dtype=torch.float64) - 0.5) * (hi - lo) / max(1, state_size)
+        base = torch.linspace(lo, hi, n, dtype=torch.float64)
+        jitter = (torch.rand(g, n, dtype=torch.float64) - 0.5) * (hi - lo) / max(1, n)
         log_rate = (base[None, :] + jitter).float()
-        self.log_rate = nn.Parameter(log_rate)
         rate = log_rate.exp()
         # residues scaled so that every mode has O(1/sqrt(N)) L1 gain: |R| / (1 - p) ~ 1 / sqrt(N)
-        self.residues = nn.Parameter(torch.randn(groups, state_size) * (1 - torch.exp(-rate)) / math.sqrt(state_size))
-        self.D = nn.Parameter(torch.zeros(d))
+        residues = torch.randn(g, n) * (1 - torch.exp(-rate)) / math.sqrt(n)
+        self.log_rate.copy_(log_rate.to(self.log_rate.device))
+        self.residues.copy_(residues.to(self.residues.device))
+        nn.init.zeros_(self.D)
 
     def poles(self) -> torch.Tensor:
         return torch.exp(-torch.exp(self.log_rate))
@@ -229,12 +246,13 @@ class HyenaMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         seq_len = x.shape[1]
-        z = self.proj(x).transpose(1, 2).contiguous()  # [B, 3d, L]
+        # proj / short_conv rows are channel-interleaved (tensor-parallel-native; layers.split_interleaved)
+        z, w_short, b_short = split_interleaved(self.proj(x), self.short_conv.weight, self.short_conv.bias)
         if self.kind == "hyena_li":
             k = grouped_filter(self.filter.materialize(seq_len, torch.float64 if z.dtype == torch.float64 else torch.float32), self.cfg.d_model)
-            y = hyena_gated_conv(z, self.short_conv.weight, self.short_conv.bias, k, self.filter.D, self.cfg.fft_channel_chunk)
+            y = hyena_gated_conv(z, w_short, b_short, k, self.filter.D, self.cfg.fft_channel_chunk)
         else:
-            zc = short_causal_conv(z, self.short_conv.weight, self.short_conv.bias)
+            zc = short_causal_conv(z, w_short, b_short)
             post, pre, v = zc.chunk(3, dim=1)
             y = post * self.filter(pre * v)
         return self.out(y.transpose(1, 2))
@@ -278,8 +296,14 @@ class Evo2(GenomicModel):
             self.lm_head.weight = self.embed.weight
         self.reset_parameters()
 
+    RESIDUAL = ("mixer.out", "mlp.down")
+
     def reset_parameters(self) -> None:
-        gpt2_init(self, self.cfg.initializer_range, len(self.blocks), ("mixer.out", "mlp.down"))
+        gpt2_init(self, self.cfg.initializer_range, len(self.blocks), self.RESIDUAL)
+
+    def init_module(self, name: str, module: nn.Module) -> None:
+        if not gpt2_init_module(name, module, self.cfg.initializer_range, len(self.blocks), self.RESIDUAL):
+            super().init_module(name, module)
 
     def param_groups_overrides(self) -> dict[str, dict]:
         return {"mixer.filter.": {"weight_decay": self.cfg.filter_weight_decay, "lr_scale": self.cfg.filter_lr_scale}}

@@ -8,7 +8,8 @@ Architecture (Nguyen et al. 2023, arXiv 2306.15794; shapes from the released
   4*d GELU(tanh) MLP; residual stream kept in fp32; final LayerNorm;
 * LM head tied to the embedding;
 * Hyena operator of order 2: ``in_proj`` d->3d, depthwise causal conv of length
-  3 (with bias), split into (post, pre, v); ``y = post * (h * (pre * v) + D * (pre * v))``
+  3 (with bias), split into (post, pre, v) -- stored channel-interleaved (row 3c+j = component j of
+  channel c: a tensor-parallel shard is a contiguous slice; see ``layers.split_interleaved``); ``y = post * (h * (pre * v) + D * (pre * v))``
   with the long convolution ``h *`` computed by FFT of size ~2L in fp32;
   ``out_proj`` d->d;
 * implicit long filter ``h[t] = MLP(z(t)) * window(t)``: positional features
@@ -42,7 +43,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from glmtrain.models.base import GenomicModel, ModelConfig
-from glmtrain.models.layers import gpt2_init
+from glmtrain.models.layers import gpt2_init, gpt2_init_module, split_interleaved
 from glmtrain.models.ops import gelu_linear, hyena_gated_conv
 
 
@@ -93,10 +94,15 @@ class Sin(nn.Module):
 
     def __init__(self, dim: int, w: float = 10.0, train_freq: bool = True):
         super().__init__()
+        self.w = w
         if train_freq:
             self.freq = nn.Parameter(w * torch.ones(1, dim))
         else:
             self.register_buffer("freq", w * torch.ones(1, dim))
+
+    def reset_parameters(self) -> None:
+        if isinstance(self.freq, nn.Parameter):
+            nn.init.constant_(self.freq, self.w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sin(self.freq * x)
@@ -130,6 +136,9 @@ class ImplicitFilter(nn.Module):
             self.register_buffer("deltas", torch.linspace(min_decay, max_decay, d))
         else:
             self.deltas = None
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.bias)  # the D skip term, N(0, 1) as published
 
     def features(self, start: int, stop: int, device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """Positional features z [n, emb_dim] and normalised time t [n, 1] for positions [start, stop)."""
@@ -184,10 +193,11 @@ class HyenaOperator(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, L, d] -> [B, L, d]."""
         seq_len = x.shape[1]
-        z = self.in_proj(x).transpose(1, 2).contiguous()  # [B, 3d, L]
+        # in_proj / short_conv rows are channel-interleaved (tensor-parallel-native; layers.split_interleaved)
+        z, w_short, b_short = split_interleaved(self.in_proj(x), self.short_conv.weight, self.short_conv.bias)
         k = self.filter(seq_len)
         y = hyena_gated_conv(
-            z, self.short_conv.weight, self.short_conv.bias, k, self.filter.bias,
+            z, w_short, b_short, k, self.filter.bias,
             channel_chunk=self.cfg.fft_channel_chunk, fused=self.cfg.fused_hyena,
         )
         return self.out_proj(y.transpose(1, 2))
@@ -244,10 +254,16 @@ class HyenaDNA(GenomicModel):
         self.lm_head.weight = self.embed.weight  # tied
         self.reset_parameters()
 
+    RESIDUAL = ("mixer.out_proj", "mlp.fc2")
+
     def reset_parameters(self) -> None:
         # GPT-2 style as in HyenaDNA: every Linear N(0, 0.02) (the filter MLP too),
         # biases 0, residual projections scaled by 1/sqrt(2 * n_layers).
-        gpt2_init(self, self.cfg.initializer_range, self.cfg.n_layers, ("mixer.out_proj", "mlp.fc2"))
+        gpt2_init(self, self.cfg.initializer_range, self.cfg.n_layers, self.RESIDUAL)
+
+    def init_module(self, name: str, module: nn.Module) -> None:
+        if not gpt2_init_module(name, module, self.cfg.initializer_range, self.cfg.n_layers, self.RESIDUAL):
+            super().init_module(name, module)
 
     def param_groups_overrides(self) -> dict[str, dict]:
         return {"mixer.filter.": {"weight_decay": self.cfg.filter_weight_decay, "lr_scale": self.cfg.filter_lr_scale}}

@@ -17,6 +17,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # compute in fp32 for bf16 stability, return the input dtype
         xf = x.float()
@@ -195,18 +198,45 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, drop
     return y.transpose(1, 2).reshape(b, seq_len, -1)
 
 
+def split_interleaved(z: torch.Tensor, short_weight: torch.Tensor, short_bias: torch.Tensor | None):
+    """Channel-interleaved fused Hyena projection -> the operator's chunked layout.
+
+    Hyena projections d -> 3d (and their depthwise featurizer convolution) are stored
+    **channel-interleaved**: row ``3c + j`` is component ``j`` (0 = post, 1 = pre, 2 = v) of channel
+    ``c``, so that a tensor-parallel shard (a contiguous slice of channels) is a contiguous row slice,
+    with no permutation on sharding or on save/load.  The fused operators
+    (:func:`glmtrain.models.ops.hyena_gated_conv`) take ``[post; pre; v]`` chunks: ``z`` [B, L, 3c] is
+    turned into [B, 3c, L] chunk order in the one copy the channel-first layout needs anyway, and the
+    small featurizer filter is reordered alongside.
+    """
+    b, seq_len, c3 = z.shape
+    zc = z.view(b, seq_len, c3 // 3, 3).permute(0, 3, 2, 1).reshape(b, c3, seq_len)
+    k = short_weight.shape[-1]
+    w = short_weight.view(c3 // 3, 3, 1, k).transpose(0, 1).reshape(c3, 1, k)
+    bias = None if short_bias is None else short_bias.view(c3 // 3, 3).t().reshape(c3)
+    return zc, w, bias
+
+
 def gpt2_init(model: nn.Module, std: float, n_layers: int, residual_suffixes: tuple[str, ...]) -> None:
     """GPT-2 initialisation: every Linear and Embedding N(0, std), biases 0, and the projections that
     write into the residual stream (module names ending in ``residual_suffixes``) scaled by
     1/sqrt(2 * n_layers)."""
-    scale = 1 / math.sqrt(2 * n_layers)
     for name, m in model.named_modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0.0, std * (scale if name.endswith(residual_suffixes) else 1.0))
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, 0.0, std)
+        gpt2_init_module(name, m, std, n_layers, residual_suffixes)
+
+
+def gpt2_init_module(name: str, m: nn.Module, std: float, n_layers: int, residual_suffixes: tuple[str, ...]) -> bool:
+    """:func:`gpt2_init` for one module (True if it is a Linear or an Embedding, which the rule covers)."""
+    if isinstance(m, nn.Linear):
+        scale = 1 / math.sqrt(2 * n_layers) if name.endswith(residual_suffixes) else 1.0
+        nn.init.normal_(m.weight, 0.0, std * scale)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+        return True
+    if isinstance(m, nn.Embedding):
+        nn.init.normal_(m.weight, 0.0, std)
+        return True
+    return False
 
 
 class SelfAttention(nn.Module):
@@ -218,7 +248,11 @@ class SelfAttention(nn.Module):
     ``forward(x, key_mask)`` takes the padding mask [batch, seq] (True = real token).
 
     Shared by the Transformer family (NT-v1/v2, DNABERT-1/2, GENERator configs) and Evo 2's attention
-    blocks; tensor-parallel plans shard ``qkv`` (column) and ``out`` (row) by name, and the head count is
+    blocks.  The fused projection is laid out **head-major**: output rows
+    ``[h * 3 * head_dim + j * head_dim + i]`` hold component ``j`` (0 = q, 1 = k, 2 = v) of head ``h`` --
+    so any contiguous slice of whole heads is a complete attention over those heads, and a
+    tensor-parallel shard of ``qkv`` (column) is a contiguous row slice, with no permutation on sharding
+    or on save/load (checkpoints hold exactly this layout).  ``out`` is row-parallel; the head count is
     inferred from the local width.
     """
 
@@ -243,12 +277,18 @@ class SelfAttention(nn.Module):
             self.alibi_slopes = None
         self.flash = flash
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v [batch, heads, seq, head_dim] from the fused projection (RoPE not applied)."""
         qkv = self.qkv(x)
         # shapes from the projection, not from x: under sequence parallelism x may be a slice of the sequence
-        # that the column-parallel projection gathers; -1 instead of n_heads lets a plan shard the heads
+        # that the column-parallel projection gathers; head-major layout (see the class docstring); -1
+        # instead of n_heads: a tensor-parallel shard holds a subset of the heads
         b, seq_len = qkv.shape[:2]
-        q, k, v = qkv.view(b, seq_len, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.view(b, seq_len, -1, 3, self.head_dim).permute(3, 0, 2, 1, 4)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = self.heads(x)
         if self.rope is not None:
             q, k = self.rope(q, k)
         y = attend(q, k, v, self.causal, self.dropout if self.training else 0.0, self.flash, key_mask, self.alibi_slopes)

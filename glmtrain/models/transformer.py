@@ -30,7 +30,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from glmtrain.models.base import GenomicModel, ModelConfig
-from glmtrain.models.layers import FlashKernels, GeluMLP, SelfAttention, SwiGLU, gpt2_init, make_norm
+from glmtrain.models.layers import (FlashKernels, GeluMLP, SelfAttention, SwiGLU, gpt2_init, gpt2_init_module,
+                                    make_norm)
 from glmtrain.models.ops import flash_attn_func, flash_attn_varlen_func
 
 CHOICES = {
@@ -152,8 +153,14 @@ class Transformer(GenomicModel):
             self.lm_head.weight = self.embed.weight
         self.reset_parameters()
 
+    RESIDUAL = ("attn.out", "mlp.fc2", "mlp.down")
+
     def reset_parameters(self) -> None:
-        gpt2_init(self, self.cfg.init_std, self.cfg.n_layers, ("attn.out", "mlp.fc2", "mlp.down"))
+        gpt2_init(self, self.cfg.init_std, self.cfg.n_layers, self.RESIDUAL)
+
+    def init_module(self, name: str, module: nn.Module) -> None:
+        if not gpt2_init_module(name, module, self.cfg.init_std, self.cfg.n_layers, self.RESIDUAL):
+            super().init_module(name, module)
 
     def embed_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         cfg = self.cfg

@@ -32,6 +32,21 @@ def strategy_problem(run: Any) -> str | None:
     if s.tp_size < 0:
         return f"strategy.tp_size={s.tp_size}: must be >= 0 (0 = all devices of a node for strategy=tp)"
     topo = topology(run)
+    if s.cp_size < 1:
+        return f"strategy.cp_size={s.cp_size}: must be >= 1"
+    if s.cp_size > 1:
+        if s.name != "fsdp" or topo.tp > 1:
+            return (f"strategy.cp_size={s.cp_size}: context parallelism runs under strategy=fsdp with tp_size=1 "
+                    f"(is strategy={s.name}, tp_size={topo.tp})")
+        if topo.dp % s.cp_size:
+            return f"strategy.cp_size={s.cp_size} does not divide the data-parallel size {topo.dp} ({topo.describe().split(';')[0]})"
+        if seq_tokens(run) % s.cp_size:
+            return f"strategy.cp_size={s.cp_size} does not divide the sequence length ({seq_tokens(run)} tokens per window)"
+        pos, kind = getattr(run.model, "position", "rope"), run.model.tokenizer.kind
+        encoder_padding = not getattr(run.model, "causal", True) and kind in ("kmer", "kmer_overlap", "bpe")
+        if pos in ("alibi", "learned") or encoder_padding:
+            return (f"strategy.cp_size={s.cp_size}: ring attention supports neither the padding masks of an encoder on "
+                    f"model.tokenizer.kind={kind} nor ALiBi / learned positions (model.position={pos}); use cp_size=1")
     if s.name in ("fsdp", "tp"):
         plan = plan_for(family)
         if plan is None:
@@ -56,12 +71,6 @@ def strategy_problem(run: Any) -> str | None:
     if s.name == "deepspeed":
         if not deepspeed_available():
             return "strategy=deepspeed needs the deepspeed package: pip install -e '.[deepspeed]'"
-        accel = t.accelerator
-        import torch
-
-        if accel == "cpu" or (accel == "auto" and not torch.cuda.is_available()):
-            return ("strategy=deepspeed needs a GPU (Lightning's DeepSpeedStrategy runs on CUDA only); "
-                    "on CPU use strategy=fsdp (ZeRO-3-like sharding) or strategy=ddp")
         if s.zero_stage not in (1, 2, 3):
             return f"strategy.zero_stage={s.zero_stage}: allowed values are 1, 2, 3"
         if s.offload_params and s.zero_stage != 3:
@@ -69,7 +78,7 @@ def strategy_problem(run: Any) -> str | None:
     if s.name == "ddp_spawn" and s.checkpoint == "sharded":
         pass  # ddp_spawn writes single files; the option only concerns fsdp/tp
     try:
-        batch_plan(run, topo.dp if topo.dp else 1)
+        batch_plan(run, topo.data if topo.dp else 1)
     except ValueError as e:
         return str(e)
     return None

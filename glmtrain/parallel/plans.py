@@ -10,12 +10,13 @@ block costs one all-reduce -- or one all-gather + one reduce-scatter with
 sequence parallelism -- in forward and in backward):
 
 * :class:`Colwise` -- ``nn.Linear`` whose output features are split over the
-  tensor-parallel ranks.  ``fused=k``: the weight is ``k`` equal chunks stacked
-  along the output dimension (``qkv``: k=3; a Hyena input projection
-  ``(post, pre, v)``: k=3); rank ``r`` then needs the ``r``-th slice of *each*
-  chunk, so the rows are permuted before sharding (see :func:`fused_permutation`)
-  and permuted back whenever a checkpoint is written (checkpoints always hold the
-  plain, unpermuted layout and are interchangeable between strategies).
+  tensor-parallel ranks as one contiguous slice of rows per rank.  Fused
+  projections are laid out by the models so that this slice is complete: the
+  attention ``qkv`` is head-major (a slice = whole heads with their q, k, v) and the
+  Hyena projections are channel-interleaved (a slice = whole channels with their
+  post, pre, v; ``models.layers.split_interleaved``).  So nothing is permuted when
+  sharding, and checkpoints (the same layout under every strategy) need no
+  relayout or full-tensor gather on save or load.
 * :class:`Rowwise` -- ``nn.Linear`` whose input features are split; its output is
   summed over the ranks (all-reduce, or reduce-scatter onto the sequence
   dimension with sequence parallelism).
@@ -23,8 +24,8 @@ sequence parallelism -- in forward and in backward):
   the local slice of the sequence (its weight replicated, gradients summed).
 * :class:`Local` -- parameters that a module uses in its own channel-wise
   arithmetic (depthwise short convolutions, the long filters of Hyena, the D
-  skip terms).  They are split by channel (dim 0, with the same ``fused``
-  permutation where the channels are ``k`` stacked groups) and the module sees
+  skip terms).  They are split by channel (dim 0, contiguous: the featurizer
+  convolution is channel-interleaved like its projection) and the module sees
   the local slice during its forward, so the FFT convolution runs on local
   channels with no communication at all.  Replicated parameters that feed
   such arithmetic (the small MLP generating Hyena's implicit filter, whose last
@@ -54,7 +55,7 @@ from torch import nn
 # ----------------------------------------------------------------------------- plan vocabulary
 @dataclass(frozen=True)
 class Colwise:
-    fused: int = 1
+    pass
 
 
 @dataclass(frozen=True)
@@ -71,11 +72,11 @@ class Norm:
 
 @dataclass(frozen=True)
 class Local:
-    params: dict[str, int] = field(default_factory=dict)  # name (relative) -> fused chunks (1 = plain channels)
+    params: tuple[str, ...] = ()  # names (relative) of parameters split by channel (dim 0)
     # glob patterns of parameter names (relative) that stay replicated but feed channel-local arithmetic:
     # their gradient on each rank covers only its channels, so it is summed over the tensor-parallel ranks
     summed: tuple[str, ...] = ()
-    buffers: dict[str, int] = field(default_factory=dict)  # name (relative) -> fused chunks
+    buffers: tuple[str, ...] = ()  # names (relative) of buffers split by channel (dim 0)
     # name (relative, dotted) -> function(old value, tp) -> new value, for attributes holding a global width
     attrs: dict[str, Callable[[Any, int], Any]] = field(default_factory=dict)
 
@@ -136,31 +137,30 @@ def _post_norm(block: nn.Module) -> bool:
 
 
 PLANS: dict[str, FamilyPlan] = {
-    # Plain pre-norm Transformer: fused qkv (3 chunks) -> heads split; GELU or SwiGLU MLP.
+    # Plain pre-norm Transformer: head-major fused qkv -> whole heads per rank; GELU or SwiGLU MLP.
     "transformer": FamilyPlan(
         family="transformer",
         block_styles={
             "norm1": Norm(_post_norm), "norm2": Norm(_post_norm),
-            "attn.qkv": Colwise(fused=3), "attn.out": Rowwise(),
+            "attn.qkv": Colwise(), "attn.out": Rowwise(),
             "mlp.fc1": Colwise(), "mlp.fc2": Rowwise(),
             "mlp.gate": Colwise(), "mlp.up": Colwise(), "mlp.down": Rowwise(),
-            # ALiBi: each rank keeps the slopes of its own heads
-            "attn": Local(buffers={"alibi_slopes": 1}),
+            # ALiBi: each rank keeps the slopes of its own (contiguous) heads
+            "attn": Local(buffers=("alibi_slopes",)),
         },
         tp_divisors=_transformer_divisors,
         head_transform=("head_dense", "head_norm"),
     ),
-    # HyenaDNA: the input projection shards like qkv (3 chunks: post, pre, v), the depthwise short
-    # conv and the long convolution by channel; the implicit filter's MLP is replicated and only its
-    # last layer (one output per channel) is column-parallel.
+    # HyenaDNA: the (channel-interleaved) input projection and the depthwise short conv shard by channel,
+    # the long convolution too; the implicit filter's MLP is replicated and only its last layer (one
+    # output per channel) is column-parallel.
     "hyena": FamilyPlan(
         family="hyena",
         block_styles={
             "norm1": Norm(), "norm2": Norm(),
-            "mixer.in_proj": Colwise(fused=3), "mixer.out_proj": Rowwise(),
-            "mixer": Local(params={"short_conv.weight": 3, "short_conv.bias": 3, "filter.bias": 1,
-                                   "filter.out.weight": 1},
-                           buffers={"filter.deltas": 1},
+            "mixer.in_proj": Colwise(), "mixer.out_proj": Rowwise(),
+            "mixer": Local(params=("short_conv.weight", "short_conv.bias", "filter.bias", "filter.out.weight"),
+                           buffers=("filter.deltas",),
                            summed=("filter.mlp.*", "filter.act.*")),
             "mlp.fc1": Colwise(), "mlp.fc2": Rowwise(),
             # the memory-light MLP applies fc2's weight inside a custom autograd function (no module call,
@@ -175,11 +175,11 @@ PLANS: dict[str, FamilyPlan] = {
         family="evo2",
         block_styles={
             "norm1": Norm(), "norm2": Norm(),
-            "mixer.qkv": Colwise(fused=3), "mixer.proj": Colwise(fused=3), "mixer.out": Rowwise(),
+            "mixer.qkv": Colwise(), "mixer.proj": Colwise(), "mixer.out": Rowwise(),
             "mixer": Local(
-                params={"short_conv.weight": 3, "short_conv.bias": 3, "filter.h": 1, "filter.D": 1,
-                        "filter.log_rate": 1, "filter.residues": 1},
-                buffers={"filter.window": 1},
+                params=("short_conv.weight", "short_conv.bias", "filter.h", "filter.D", "filter.log_rate",
+                        "filter.residues"),
+                buffers=("filter.window",),
                 attrs={"filter.d": lambda v, tp: v // tp, "cfg": _cfg_copy},
             ),
             "mlp.gate": Colwise(), "mlp.up": Colwise(), "mlp.down": Rowwise(),
@@ -212,34 +212,6 @@ def tp_problems(model_cfg: Any, vocab: int, tp: int, seq_len: int, sequence_para
         out.append(f"the sequence length ({seq_len} tokens per window; strategy.sequence_parallel=true)")
     if vocab_parallel and vocab % tp:
         out.append(f"the vocabulary ({vocab} ids; strategy.vocab_parallel=true)")
-    return out
-
-
-# ----------------------------------------------------------------------------- fused layouts
-def fused_permutation(rows: int, chunks: int, tp: int) -> torch.Tensor:
-    """Row order that makes contiguous tensor-parallel shards hold the r-th slice of every chunk.
-
-    ``rows = chunks * n``; planned[i] = canonical[perm[i]].  Rank r's shard (rows
-    ``[r*rows/tp, (r+1)*rows/tp)``) is then ``[chunk_0[r], chunk_1[r], ...]``.
-    """
-    n = rows // chunks
-    s = n // tp
-    idx = [j * n + r * s + i for r in range(tp) for j in range(chunks) for i in range(s)]
-    return torch.tensor(idx, dtype=torch.long)
-
-
-def to_planned(t: torch.Tensor, chunks: int, tp: int) -> torch.Tensor:
-    if chunks <= 1 or tp <= 1:
-        return t
-    return t.index_select(0, fused_permutation(t.shape[0], chunks, tp).to(t.device))
-
-
-def to_canonical(t: torch.Tensor, chunks: int, tp: int) -> torch.Tensor:
-    if chunks <= 1 or tp <= 1:
-        return t
-    perm = fused_permutation(t.shape[0], chunks, tp).to(t.device)
-    out = torch.empty_like(t)
-    out.index_copy_(0, perm, t)
     return out
 
 
@@ -321,9 +293,9 @@ class _LocalSwap:
         return output
 
 
-def _slice_buffer(owner: nn.Module, attr: str, chunks: int, tp: int, rank: int) -> None:
+def _slice_buffer(owner: nn.Module, attr: str, tp: int, rank: int) -> None:
     full = getattr(owner, attr)
-    local = to_planned(full, chunks, tp).chunk(tp, dim=0)[rank].clone()
+    local = full.chunk(tp, dim=0)[rank].clone()
     owner._buffers[attr] = local
     key_attr = attr
 
@@ -337,16 +309,62 @@ def _slice_buffer(owner: nn.Module, attr: str, chunks: int, tp: int, rank: int) 
         k = prefix + key_attr
         if k in state_dict and state_dict[k].shape == full.shape:
             full.copy_(state_dict[k])
-            state_dict[k] = to_planned(state_dict[k], chunks, tp).chunk(tp, dim=0)[rank].clone()
+            state_dict[k] = state_dict[k].chunk(tp, dim=0)[rank].clone()
 
     owner._register_state_dict_hook(save_full)
     owner._register_load_state_dict_pre_hook(load_local, with_module=True)
 
 
-def apply_tensor_parallel(model: nn.Module, plan: FamilyPlan, tp_mesh, sequence_parallel: bool, vocab_parallel: bool,
-                          prefix: str = "") -> dict[str, tuple[int, int]]:
-    """Shard ``model`` in place over ``tp_mesh``.  Returns the fused layouts: {state-dict key: (chunks, tp)}."""
+def _tp_block(block: nn.Module, plan: FamilyPlan, tp_mesh, sequence_parallel: bool) -> None:
+    """Shard one block in place over ``tp_mesh`` (column / row / channel-local styles of the plan)."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module
+
+    tp = tp_mesh.size()
+    rank = tp_mesh.get_local_rank()
+    act_in = Shard(1) if sequence_parallel else Replicate()  # layout of the residual stream between blocks
+    styles: dict[str, Any] = {}
+    locals_: list[tuple[str, Local]] = []
+    for pattern, style in plan.block_styles.items():
+        for name in _matches(block, pattern):
+            if isinstance(style, Local):
+                locals_.append((name, style))
+            elif isinstance(style, Colwise):
+                # the implicit filter's output layer sits outside the residual stream: plain input
+                inner = name.endswith("filter.out")
+                styles[name] = ColwiseParallel(input_layouts=Replicate() if inner else act_in)
+            elif isinstance(style, Rowwise):
+                styles[name] = RowwiseParallel(output_layouts=act_in)
+            elif isinstance(style, Norm) and sequence_parallel:
+                local = bool(style.local_output and style.local_output(block))
+                styles[name] = SequenceParallel(use_local_output=local)
+    for name, style in locals_:
+        sub = block.get_submodule(name)
+        present = [n for n in style.params if _has(sub, n)]
+        for pn in present:
+            owner, attr = _resolve(sub, pn)
+            p = getattr(owner, attr)
+            owner.register_parameter(attr, nn.Parameter(
+                distribute_tensor(p.detach(), tp_mesh, [Shard(0)], src_data_rank=None), requires_grad=p.requires_grad))
+        for bn in style.buffers:
+            if _has(sub, bn):
+                owner, attr = _resolve(sub, bn)
+                _slice_buffer(owner, attr, tp, rank)
+        for an, fn in style.attrs.items():
+            if _has(sub, an):
+                owner, attr = _resolve(sub, an)
+                setattr(owner, attr, fn(getattr(owner, attr), tp))
+        summed = [n for n, _ in sub.named_parameters() if any(fnmatch.fnmatchcase(n, pat) for pat in style.summed)]
+        if present or summed:
+            swap = _LocalSwap(sub, present, summed, tp_mesh.get_group())
+            sub.register_forward_pre_hook(swap.pre)
+            sub.register_forward_hook(swap.post)
+    parallelize_module(block, tp_mesh, styles, src_data_rank=None)
+
+
+def _tp_top(model: nn.Module, plan: FamilyPlan, tp_mesh, sequence_parallel: bool, vocab_parallel: bool) -> None:
+    """Embedding, final norm and head under tensor parallelism."""
+    from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         PrepareModuleInput,
@@ -356,64 +374,11 @@ def apply_tensor_parallel(model: nn.Module, plan: FamilyPlan, tp_mesh, sequence_
         parallelize_module,
     )
 
-    tp = tp_mesh.size()
-    rank = tp_mesh.get_local_rank()
-    fused: dict[str, tuple[int, int]] = {}
     seq = Shard(1)
-    act_in = seq if sequence_parallel else Replicate()  # layout of the residual stream between blocks
-
-    for bi, block in enumerate(getattr(model, plan.blocks)):
-        bprefix = f"{prefix}{plan.blocks}.{bi}."
-        styles: dict[str, Any] = {}
-        locals_: list[tuple[str, Local]] = []
-        for pattern, style in plan.block_styles.items():
-            for name in _matches(block, pattern):
-                if isinstance(style, Local):
-                    locals_.append((name, style))
-                elif isinstance(style, Colwise):
-                    sub = block.get_submodule(name)
-                    if style.fused > 1:
-                        for pn, p in sub.named_parameters(recurse=False):
-                            p.data = to_planned(p.data, style.fused, tp)
-                            fused[f"{bprefix}{name}.{pn}"] = (style.fused, tp)
-                    # the implicit filter's output layer sits outside the residual stream: plain input
-                    inner = name.endswith("filter.out")
-                    styles[name] = ColwiseParallel(input_layouts=Replicate() if inner else act_in)
-                elif isinstance(style, Rowwise):
-                    styles[name] = RowwiseParallel(output_layouts=act_in)
-                elif isinstance(style, Norm) and sequence_parallel:
-                    local = bool(style.local_output and style.local_output(block))
-                    styles[name] = SequenceParallel(use_local_output=local)
-        for name, style in locals_:
-            sub = block.get_submodule(name)
-            present = [n for n in style.params if _has(sub, n)]
-            for pn in present:
-                owner, attr = _resolve(sub, pn)
-                p = getattr(owner, attr)
-                chunks = style.params[pn]
-                data = to_planned(p.detach(), chunks, tp)
-                owner.register_parameter(attr, nn.Parameter(
-                    distribute_tensor(data, tp_mesh, [Shard(0)], src_data_rank=None), requires_grad=p.requires_grad))
-                if chunks > 1:
-                    fused[f"{bprefix}{name}.{pn}"] = (chunks, tp)
-            for bn, chunks in style.buffers.items():
-                if _has(sub, bn):
-                    owner, attr = _resolve(sub, bn)
-                    _slice_buffer(owner, attr, chunks, tp, rank)
-            for an, fn in style.attrs.items():
-                if _has(sub, an):
-                    owner, attr = _resolve(sub, an)
-                    setattr(owner, attr, fn(getattr(owner, attr), tp))
-            summed = [n for n, _ in sub.named_parameters() if any(fnmatch.fnmatchcase(n, pat) for pat in style.summed)]
-            if present or summed:
-                swap = _LocalSwap(sub, present, summed, tp_mesh.get_group())
-                sub.register_forward_pre_hook(swap.pre)
-                sub.register_forward_hook(swap.post)
-        parallelize_module(block, tp_mesh, styles, src_data_rank=None)
-
-    # embedding, final norm, head (an MLM head's transform runs replicated on the gathered sequence)
+    act_in = seq if sequence_parallel else Replicate()
     top: dict[str, Any] = {}
     tied = getattr(model, plan.head).weight is getattr(model, plan.embed).weight
+    # an MLM head's transform (dense + norm) runs replicated on the gathered sequence
     pre = [n for n in plan.head_transform if getattr(model, n, None) is not None]
     gather = PrepareModuleInput(input_layouts=act_in, desired_input_layouts=Replicate(), use_local_output=True)
     if vocab_parallel:
@@ -430,17 +395,41 @@ def apply_tensor_parallel(model: nn.Module, plan: FamilyPlan, tp_mesh, sequence_
         parallelize_module(model, tp_mesh, top, src_data_rank=None)
     if vocab_parallel and tied:
         getattr(model, plan.head).weight = getattr(model, plan.embed).weight
-    return fused
 
 
-def apply_fsdp(model: nn.Module, plan: FamilyPlan | None, dp_mesh, mp_policy=None, reshard_after_forward: bool = True) -> None:
-    """FSDP2: one unit per block, the rest (embedding, tied head, final norm) in the root unit."""
+def shard_model(model: nn.Module, plan: FamilyPlan, *, dp_mesh=None, tp_mesh=None, fsdp: bool = True,
+                sequence_parallel: bool = False, vocab_parallel: bool = False, mp_policy=None,
+                reshard_after_forward: bool = True, materialize: Callable[[str], None] | None = None,
+                offload: bool = False) -> None:
+    """Tensor parallelism over ``tp_mesh`` (size > 1) and FSDP2 over ``dp_mesh`` (``fsdp``), block by block.
+
+    ``materialize(prefix)``: for a model built on the meta device, called with ``"blocks.<i>"`` right
+    before block i is sharded and with ``""`` (everything left: embedding, final norm, head) before
+    the root -- so a rank never holds more than its shards plus one full block.  ``offload``: FSDP2
+    keeps parameters, gradients and optimizer states on the CPU (one GPU, a model that does not fit).
+    """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    tp = tp_mesh is not None and tp_mesh.size() > 1
     kw: dict[str, Any] = {"mesh": dp_mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
-    blocks = getattr(model, plan.blocks if plan is not None else "blocks")
+    if offload:
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    blocks = getattr(model, plan.blocks)
     n = len(blocks)
     for i, block in enumerate(blocks):
-        # the last block's parameters are needed again right away by backward: keep them gathered
-        fully_shard(block, reshard_after_forward=reshard_after_forward and i < n - 1, **kw)
-    fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
+        if materialize is not None:
+            materialize(f"{plan.blocks}.{i}")
+        if tp:
+            _tp_block(block, plan, tp_mesh, sequence_parallel)
+        if fsdp:
+            # the last block's parameters are needed again right away by backward: keep them gathered
+            fully_shard(block, reshard_after_forward=reshard_after_forward and i < n - 1, **kw)
+    if materialize is not None:
+        materialize("")
+    if tp:
+        _tp_top(model, plan, tp_mesh, sequence_parallel, vocab_parallel)
+    if fsdp:
+        # embedding, tied head and final norm in the root unit
+        fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)

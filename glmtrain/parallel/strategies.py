@@ -18,7 +18,8 @@ single-device / DDP and ``strategy.checkpoint=full`` write one file; fsdp / tp w
 ``strategy.checkpoint=sharded`` (default) a ``torch.distributed.checkpoint``
 directory plus ``meta.pt``; DeepSpeed its own directory.
 
-Model tensors are always stored in the plain (unpermuted, unsharded) layout
+Model tensors are always stored in the models' own layout (tensor-parallel shards are contiguous
+slices of it, so nothing is permuted or gathered on save or load), unsharded,
 under the LightningModule's parameter names, and optimizer states are keyed by
 parameter name in sharded checkpoints (by index in files written by DDP); the
 loaders below accept either, so a checkpoint written under one strategy and
@@ -38,7 +39,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 
 from glmtrain import ckpt_formats
-from glmtrain.parallel.plans import apply_fsdp, apply_tensor_parallel, plan_for, to_canonical, to_planned
+from glmtrain.parallel.plans import plan_for, shard_model
 
 MODEL_PARALLEL = ("fsdp", "tp")
 
@@ -70,10 +71,17 @@ class Topology:
     num_nodes: int
     world: int
     tp: int  # tensor-parallel degree
-    dp: int  # data-parallel degree (world // tp)
+    dp: int  # data-parallel degree (world // tp): the FSDP / DDP group (context-parallel ranks included)
+    cp: int = 1  # context-parallel degree: ranks of the dp group that split one sequence
+
+    @property
+    def data(self) -> int:
+        """Ranks that read different samples (dp / cp)."""
+        return max(1, self.dp // self.cp) if self.dp else 0
 
     def describe(self) -> str:
-        return f"world {self.world} = {self.num_nodes} node(s) x {self.devices} ({self.launcher}); dp {self.dp} x tp {self.tp}"
+        cp = f" (cp {self.cp}: {self.data} data ranks)" if self.cp > 1 else ""
+        return f"world {self.world} = {self.num_nodes} node(s) x {self.devices} ({self.launcher}); dp {self.dp}{cp} x tp {self.tp}"
 
 
 def topology(run: Any) -> Topology:
@@ -97,7 +105,8 @@ def topology(run: Any) -> Topology:
         if s.name == "fsdp" and s.tp_size <= 0:
             tp = 1
     dp = world // tp if tp and world % tp == 0 else 0
-    return Topology(kind, devices, nodes, world, tp, dp)
+    cp = max(1, getattr(s, "cp_size", 1)) if s.name in MODEL_PARALLEL else 1
+    return Topology(kind, devices, nodes, world, tp, dp, cp)
 
 
 def resolve_backend(run: Any, accelerator: str) -> str:
@@ -170,36 +179,53 @@ def data_parallel(trainer: Any) -> tuple[int, int, Any]:
     return trainer.global_rank, trainer.world_size, None
 
 
+def context_parallel(module: Any) -> tuple[int, int, Any]:
+    """(rank, size, group) of this process in its context-parallel group ((0, 1, None) without)."""
+    return getattr(module, "_cp_info", None) or (0, 1, None)
+
+
 def is_deepspeed(trainer: Any) -> bool:
     return trainer is not None and type(trainer.strategy).__name__.startswith(("DeepSpeed", "GLMDeepSpeed"))
 
 
 def apply_parallelism(module: Any) -> None:
-    """LightningModule.configure_model: shard ``module.model`` as the strategy asks (idempotent)."""
+    """LightningModule.configure_model: materialise a meta-built model (block by block, each block sharded
+    right after: no rank ever holds the whole model) and shard ``module.model`` as the strategy asks
+    (tensor parallel, FSDP2, context parallel); idempotent."""
     trainer = module._trainer
     strategy = trainer.strategy if trainer is not None else None
-    if not isinstance(strategy, GLMModelParallelStrategy) or getattr(module, "_parallel_applied", False):
+    if getattr(module, "_parallel_applied", False):
+        return
+    if not isinstance(strategy, GLMModelParallelStrategy):
+        if strategy is not None:
+            module.materialize(strategy.root_device)  # one device (or DDP / DeepSpeed): directly on it
         return
     o = strategy.options
     mesh = strategy.device_mesh
     dp_mesh, tp_mesh = mesh["data_parallel"], mesh["tensor_parallel"]
     plan = plan_for(module.run.model.family)
-    layout: dict[str, tuple[int, int]] = {}
-    if tp_mesh.size() > 1:
-        layout = apply_tensor_parallel(module.model, plan, tp_mesh, o["sequence_parallel"], o["vocab_parallel"], prefix="model.")
-    if o["fsdp"]:
-        mp = None
-        if o["param_dtype"] or o["reduce_dtype"]:
-            from torch.distributed.fsdp import MixedPrecisionPolicy
+    mp = None
+    if o["fsdp"] and (o["param_dtype"] or o["reduce_dtype"]):
+        from torch.distributed.fsdp import MixedPrecisionPolicy
 
-            mp = MixedPrecisionPolicy(param_dtype=o["param_dtype"], reduce_dtype=o["reduce_dtype"])
-        apply_fsdp(module.model, plan, dp_mesh, mp, o["reshard_after_forward"])
-    module._parallel_layout = layout
+        mp = MixedPrecisionPolicy(param_dtype=o["param_dtype"], reduce_dtype=o["reduce_dtype"])
+    if o.get("cp", 1) > 1:
+        from glmtrain.parallel.context import apply_context_parallel, new_cp_group
+
+        cp = o["cp"]
+        group = new_cp_group(mesh.mesh.t().tolist(), cp)  # consecutive data-parallel ranks of each tp column
+        apply_context_parallel(module.model, group)
+        module._cp_info = (torch.distributed.get_rank(group), cp, group)
+    device = strategy.root_device
+    shard_model(module.model, plan, dp_mesh=dp_mesh, tp_mesh=tp_mesh, fsdp=o["fsdp"],
+                sequence_parallel=o["sequence_parallel"], vocab_parallel=o["vocab_parallel"], mp_policy=mp,
+                reshard_after_forward=o["reshard_after_forward"],
+                materialize=lambda prefix: module.materialize(device, prefix))
     module._parallel_applied = True
     local, total = _local_fraction(module.model)
     if strategy.global_rank == 0:
-        say(f"sharded {module.run.model.family} (tp {tp_mesh.size()}, fsdp {'on' if o['fsdp'] else 'off'}): "
-            f"{local:,} of {total:,} parameter values on rank 0")
+        say(f"sharded {module.run.model.family} (tp {tp_mesh.size()}, fsdp {'on' if o['fsdp'] else 'off'}"
+            f"{', cp ' + str(o['cp']) if o.get('cp', 1) > 1 else ''}): {local:,} of {total:,} parameter values on rank 0")
 
 
 def _local_fraction(model: torch.nn.Module) -> tuple[int, int]:
@@ -281,41 +307,6 @@ def optim_state_by_index(osd: dict, optimizer: torch.optim.Optimizer, module: to
     }
 
 
-def _relayout_tensor(t: Any, chunks: int, tp: int, canonical: bool) -> Any:
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    if not isinstance(t, torch.Tensor) or t.ndim == 0:
-        return t
-    fn = to_canonical if canonical else to_planned
-    if isinstance(t, DTensor):
-        full = fn(t.full_tensor(), chunks, tp)
-        # canonical copies use plain contiguous shards (what DCP can describe); planned ones the live layout
-        placements = [_plain(p) for p in t.placements] if canonical else list(t.placements)
-        return distribute_tensor(full, t.device_mesh, placements, src_data_rank=None)
-    return fn(t, chunks, tp)
-
-
-def _plain(p: Any) -> Any:
-    from torch.distributed.tensor import Replicate, Shard
-
-    if type(p) in (Shard, Replicate):
-        return p
-    return Shard(p.dim) if hasattr(p, "dim") else Replicate()
-
-
-def relayout_model_state(sd: dict, layout: Mapping[str, tuple[int, int]], canonical: bool) -> dict:
-    for k, (chunks, tp) in layout.items():
-        if k in sd:
-            sd[k] = _relayout_tensor(sd[k], chunks, tp, canonical)
-    return sd
-
-
-def relayout_optim_state(osd: dict, layout: Mapping[str, tuple[int, int]], canonical: bool) -> dict:
-    state = osd.get("state", {})
-    for k, (chunks, tp) in layout.items():
-        if k in state:
-            state[k] = {n: _relayout_tensor(v, chunks, tp, canonical) for n, v in state[k].items()}
-    return osd
 
 
 class _PortableLoad:
@@ -349,20 +340,20 @@ class GLMModelParallelStrategy(ModelParallelStrategy):
         super().__init__(**kw)
         self.options = options
 
-    def _layout(self) -> dict:
-        return getattr(self.lightning_module, "_parallel_layout", {}) or {}
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        """Samples are split over the data ranks; the ranks of one context-parallel group read the same ones."""
+        kw = super().distributed_sampler_kwargs
+        cp = self.options.get("cp", 1)
+        return {"num_replicas": kw["num_replicas"] // cp, "rank": kw["rank"] // cp}
 
-    # -- save
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        return relayout_model_state(super().lightning_module_state_dict(), self._layout(), canonical=True)
-
+    # -- save (the live layout is the checkpoint layout: shards are written as they are)
     def optimizer_state(self, optimizer) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         opt = getattr(optimizer, "_optimizer", optimizer)
         full = not self._save_distributed_checkpoint
-        osd = get_optimizer_state_dict(self.model, opt, options=StateDictOptions(full_state_dict=full, cpu_offload=True))
-        return relayout_optim_state(osd, self._layout(), canonical=True)
+        return get_optimizer_state_dict(self.model, opt, options=StateDictOptions(full_state_dict=full, cpu_offload=True))
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options=None) -> None:
         import torch.distributed.checkpoint as dcp
@@ -399,48 +390,23 @@ class GLMModelParallelStrategy(ModelParallelStrategy):
         )
 
         path = Path(self.broadcast(str(checkpoint_path)))
-        layout = self._layout()
         module = self.lightning_module
         strict = module.strict_loading
         optimizers = [getattr(o, "_optimizer", o) for o in self.optimizers]
         if ckpt_formats.is_sharded(path):
-            state: dict[str, Any] = {"state_dict": relayout_model_state(get_model_state_dict(self.model), layout, True)}
+            state: dict[str, Any] = {"state_dict": get_model_state_dict(self.model)}
             for i, opt in enumerate(optimizers):
-                state[f"optimizer_{i}"] = relayout_optim_state(get_optimizer_state_dict(self.model, opt), layout, True)
-            ckpt_formats.read_sharded_into(state, path)
-            live = get_model_state_dict(self.model)
-            msd = state["state_dict"]
-            for k in layout:
-                if k in msd:  # back to the planned layout, with the live parameter's placements
-                    msd[k] = _relayout_like(msd[k], live[k], *layout[k])
-            set_model_state_dict(self.model, msd, options=StateDictOptions(strict=strict))
+                state[f"optimizer_{i}"] = get_optimizer_state_dict(self.model, opt)
+            ckpt_formats.read_sharded_into(state, path)  # every rank reads its own shards, in place
+            set_model_state_dict(self.model, state["state_dict"], options=StateDictOptions(strict=strict))
             for i, opt in enumerate(optimizers):
-                osd = state[f"optimizer_{i}"]
-                live_o = get_optimizer_state_dict(self.model, opt)
-                for k in layout:
-                    if k in osd.get("state", {}):
-                        osd["state"][k] = {n: (_relayout_like(v, live_o["state"][k][n], *layout[k])
-                                               if isinstance(v, torch.Tensor) and v.ndim else v)
-                                           for n, v in osd["state"][k].items()}
-                set_optimizer_state_dict(self.model, opt, osd)
+                set_optimizer_state_dict(self.model, opt, state[f"optimizer_{i}"])
             return ckpt_formats.load_meta(path)
         ckpt = ckpt_formats.load_file(path)
-        msd = relayout_model_state(dict(ckpt.pop("state_dict")), layout, canonical=False)
-        set_model_state_dict(self.model, msd, options=StateDictOptions(full_state_dict=True, strict=strict))
+        set_model_state_dict(self.model, dict(ckpt.pop("state_dict")), options=StateDictOptions(full_state_dict=True, strict=strict))
         for opt, osd in zip(optimizers, ckpt.pop("optimizer_states", [])):
-            osd = relayout_optim_state(optim_state_by_name(osd, opt, module), layout, canonical=False)
-            set_optimizer_state_dict(self.model, opt, osd, options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(self.model, opt, optim_state_by_name(osd, opt, module), options=StateDictOptions(full_state_dict=True))
         return ckpt
-
-
-def _relayout_like(canonical: torch.Tensor, like: torch.Tensor, chunks: int, tp: int) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    full = canonical.full_tensor() if isinstance(canonical, DTensor) else canonical
-    planned = to_planned(full, chunks, tp)
-    if isinstance(like, DTensor):
-        return distribute_tensor(planned.to(like.dtype), like.device_mesh, like.placements, src_data_rank=None)
-    return planned
 
 
 # ----------------------------------------------------------------------------- building
@@ -469,29 +435,20 @@ def build_strategy(run: Any, accelerator: str, topo: Topology | None = None, pre
             "reshard_after_forward": s.reshard_after_forward,
             "param_dtype": param_dtype,
             "reduce_dtype": reduce_dtype,
+            "cp": topo.cp,
         }
         return GLMModelParallelStrategy(options=options, data_parallel_size=topo.dp, tensor_parallel_size=topo.tp,
                                         save_distributed_checkpoint=s.checkpoint == "sharded", process_group_backend=backend)
     if s.name == "deepspeed":
         from glmtrain.parallel.deepspeed_config import deepspeed_config
+        from glmtrain.parallel.deepspeed_strategy import GLMDeepSpeedStrategy
 
-        plan = batch_plan(run, topo.dp)
+        if accelerator == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's own device choice follows the trainer's
+        plan = batch_plan(run, topo.data)
         cfg = deepspeed_config(s, micro_batch=plan.micro, grad_clip=run.trainer.grad_clip, precision=precision)
-        return _deepspeed_strategy_class()(config=cfg, process_group_backend=backend)
+        return GLMDeepSpeedStrategy(config=cfg, process_group_backend=backend)
     raise ValueError(f"strategy.name={s.name!r}")
-
-
-def _deepspeed_strategy_class():
-    from lightning.pytorch.strategies import DeepSpeedStrategy
-
-    class GLMDeepSpeedStrategy(DeepSpeedStrategy):
-        """DeepSpeed reads its files with weights_only=False: every file is opened safely first."""
-
-        def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict[str, Any]:
-            ckpt_formats.check_deepspeed(Path(checkpoint_path))
-            return super().load_checkpoint(checkpoint_path, weights_only)
-
-    return GLMDeepSpeedStrategy
 
 
 def describe(run: Any, topo: Topology, plan: BatchPlan) -> str:
