@@ -117,7 +117,7 @@ def test_module_forward_matches_naive_with_padding(position):
     attn = SelfAttention(H * D, H, causal=False, qkv_bias=True, out_bias=True, position=position).double()
     x = torch.randn(B, L, H * D, dtype=torch.float64)
     _, _, _, key_mask = _inputs()
-    q, k, v = attn.qkv(x).view(B, L, 3, H, D).permute(2, 0, 3, 1, 4)
+    q, k, v = attn.qkv(x).view(B, L, H, 3, D).permute(3, 0, 2, 1, 4)  # head-major fused layout
     if position == "rope":
         q, k = attn.rope(q, k)
     ref = attn.out(naive(q, k, v, False, key_mask, attn.alibi_slopes))
