@@ -8,6 +8,7 @@ loaded back by ``AutoModelForMaskedLM`` / ``AutoTokenizer``), HF ``tokenizers`` 
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from pathlib import Path
@@ -270,6 +271,75 @@ def test_nt_v2_gated_mlp_is_refused_for_esm_with_one_line():
     with pytest.raises(ConversionError, match=r"model\.mlp='swiglu'.*gated MLP") as e:
         esm_config(load("nt_v2"), 4107)
     assert "\n" not in str(e.value)
+
+
+def _nt_v2_as_esm(hf):
+    """``EsmForMaskedLM`` with each MLP replaced by NT-v2's released one (the InstaDeepAI repositories'
+    ``modeling_esm.py``, ``add_bias_fnn: false``): ``intermediate.dense`` is one bias-free Linear d -> 2 ffn
+    whose output halves give silu(first) * second, ``output.dense`` has no bias.  Everything else
+    (embeddings, rotary attention, norms, MLM head) stays transformers' own code."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    class NtGlu(nn.Module):
+        def __init__(self, d, ffn):
+            super().__init__()
+            self.dense = nn.Linear(d, 2 * ffn, bias=False)
+
+        def forward(self, x):
+            first, second = self.dense(x).chunk(2, dim=-1)
+            return F.silu(first) * second
+
+    c = hf.config
+    for layer in hf.esm.encoder.layer:
+        layer.intermediate = NtGlu(c.hidden_size, c.intermediate_size)
+        layer.output.dense = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+    return hf.double().eval()
+
+
+def test_nt_v2_layout_converts_both_ways_and_round_trips_through_its_directory(tmp_path):
+    """NT-v2's released layout (issue 12 imports real checkpoints through this): logits equal to
+    transformers' ESM code running NT-v2's gated MLP, the released checkpoint's extra tensors dropped,
+    an unknown tensor refused, export -> import unchanged."""
+    from transformers import AutoTokenizer, EsmForMaskedLM
+
+    from glmtrain.convert.nt import ConversionError, esm_config, esm_to_glmtrain, export_nt, glmtrain_to_esm, import_nt
+    from glmtrain.models.transformer import Transformer, TransformerConfig
+
+    cfg = TransformerConfig(d_model=32, n_layers=2, n_heads=4, ffn_dim=48, causal=False, norm_eps=1e-12, mlp="swiglu",
+                            mlp_bias=False, gelu="exact", position="rope", head="mlm")
+    tok = build_tokenizer({"kind": "kmer", "add_cls": True})
+    torch.manual_seed(0)
+    model = Transformer(cfg, tok.vocab_size).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    hf = _nt_v2_as_esm(EsmForMaskedLM(esm_config(cfg, tok.n_tokens, hf_class=False)))
+    missing, unexpected = hf.load_state_dict(glmtrain_to_esm(cfg, model.state_dict(), tok.n_tokens), strict=False)
+    assert not unexpected and all(k.endswith("inv_freq") for k in missing)
+    x, am = _batch(tok)
+    with torch.no_grad():
+        ref = model(x, am)[..., : tok.n_tokens]
+        assert _rel(ref, hf(input_ids=x, attention_mask=am).logits, am) < 1e-5
+        for p in hf.parameters():
+            p.normal_(0, 0.2)
+        theirs = hf(input_ids=x, attention_mask=am).logits
+        released = {**hf.state_dict(), "esm.embeddings.position_embeddings.weight": torch.zeros(2050, 32, dtype=torch.double),
+                    "esm.contact_head.regression.weight": torch.zeros(1, 8), "esm.contact_head.regression.bias": torch.zeros(1)}
+        back = Transformer(cfg, tok.vocab_size).double().eval()
+        back.load_state_dict(esm_to_glmtrain(released, cfg, tok.vocab_size))
+        assert _rel(back(x, am)[..., : tok.n_tokens], theirs, am) < 1e-5
+        with pytest.raises(ConversionError, match=r"no glmtrain counterpart.*esm\.encoder\.layer\.2\."):
+            esm_to_glmtrain({**released, "esm.encoder.layer.2.LayerNorm.weight": torch.ones(32)}, cfg, tok.vocab_size)
+        export_nt(cfg, back.state_dict(), tok, tmp_path)
+        conf = json.loads((tmp_path / "config.json").read_text())
+        assert conf["add_bias_fnn"] is False and conf["position_embedding_type"] == "rotary" and conf["vocab_size"] == 4107
+        assert AutoTokenizer.from_pretrained(tmp_path)(NT_REF)["input_ids"] == NT_IDS
+        cfg2, state = import_nt(tmp_path)
+        assert (cfg2.mlp, cfg2.mlp_bias, cfg2.position, cfg2.ffn_dim) == ("swiglu", False, "rope", 48)
+        again = Transformer(cfg2, tok.vocab_size).double().eval()
+        again.load_state_dict(state)
+        assert _rel(again(x, am)[..., : tok.n_tokens], theirs, am) < 1e-5
 
 
 # ------------------------------------------------------------------------------------------- point 5
