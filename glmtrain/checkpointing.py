@@ -3,10 +3,13 @@
 * Every file is written to a temporary name in the same directory, flushed to
   disk and renamed into place, so a crash or a full disk during a save never
   damages an existing checkpoint.
-* Files are ``checkpoints/step=NNNNNNNN.ckpt``; the newest readable one is
-  resumed from.  Retention keeps the last ``keep_last`` plus every checkpoint
-  with a ``<name>.keep`` marker: each stage's final checkpoint (written when a
-  run reaches ``max_steps``) gets one, and users may add their own.
+* Files are ``checkpoints/step-NNNNNNNN.ckpt`` (a name Hydra's override parser takes
+  unquoted, e.g. ``trainer.init_from=runs/x/checkpoints/step-00000500.ckpt``); the newest
+  readable one is resumed from.  Run directories of older versions named them
+  ``step=NNNNNNNN.ckpt``: those are still found, resumed from, pruned and kept by markers.
+  Retention keeps the last ``keep_last`` plus every checkpoint with a ``<name>.keep``
+  marker: each stage's final checkpoint (written when a run reaches ``max_steps``) gets
+  one, and users may add their own.
 * A checkpoint is validated when it is considered for a resume (metadata:
   step, data position, config fingerprint, non-empty tensors) and against the
   built model (every tensor's name and shape) before any state is loaded.
@@ -29,22 +32,26 @@ import torch
 from glmtrain import ckpt_formats
 from glmtrain.ckpt_formats import AtomicCheckpointIO, CheckpointError, UnsafeCheckpointError  # noqa: F401 (re-exported)
 
-CKPT_RE = re.compile(r"^step=(\d+)\.ckpt$")
+CKPT_RE = re.compile(r"^step([-=])(\d+)\.ckpt$")  # '=': the name in run directories of earlier versions
 
 
 def step_path(ckpt_dir: Path, step: int) -> Path:
-    return ckpt_dir / f"step={step:08d}.ckpt"
+    return ckpt_dir / f"step-{step:08d}.ckpt"
+
+
+def _all_checkpoints(ckpt_dir: Path) -> list[tuple[int, str, Path]]:
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted((int(m.group(2)), m.group(1), p) for p in ckpt_dir.iterdir() if (m := CKPT_RE.match(p.name)))
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    if not ckpt_dir.is_dir():
-        return []
-    found = []
-    for p in ckpt_dir.iterdir():
-        m = CKPT_RE.match(p.name)
-        if m:
-            found.append((int(m.group(1)), p))
-    return sorted(found)
+    """(step, path) in step order; where both names exist for one step, the current one."""
+    found: dict[int, Path] = {}
+    for step, sep, p in _all_checkpoints(ckpt_dir):
+        if step not in found or sep == "-":
+            found[step] = p
+    return sorted(found.items())
 
 
 def read_meta(path: Path) -> dict:
@@ -174,9 +181,11 @@ def keep_marker(path: Path) -> Path:
 
 def prune(ckpt_dir: Path, keep_last: int) -> None:
     """Retention: delete all but the newest ``keep_last`` checkpoints, except those with a ``.keep`` marker."""
-    ckpts = list_checkpoints(ckpt_dir)
-    for _, old in ckpts[:-keep_last] if keep_last > 0 else []:
-        if not keep_marker(old).exists():
+    if keep_last <= 0:
+        return
+    doomed = {step for step, _ in list_checkpoints(ckpt_dir)[:-keep_last]}
+    for step, _, old in _all_checkpoints(ckpt_dir):
+        if step in doomed and not keep_marker(old).exists():
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
 
 

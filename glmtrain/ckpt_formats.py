@@ -312,7 +312,7 @@ def _deepspeed_globals() -> tuple:
 
 def check_deepspeed(path: Path) -> None:
     """Open every ``.pt`` of a DeepSpeed directory with weights_only=True (DeepSpeed itself then loads them
-    with weights_only=False); raise :class:`UnsafeCheckpointError` / :class:`CheckpointError` naming the file."""
+    with weights_only off); raise :class:`UnsafeCheckpointError` / :class:`CheckpointError` naming the file."""
     extra = _deepspeed_globals()
     for f in sorted(Path(path).rglob("*.pt")):
         try:

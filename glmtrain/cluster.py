@@ -33,6 +33,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from types import FrameType
 from typing import Any, Callable
 
@@ -263,6 +264,34 @@ class Preemption(L.Callback):
               flush=True)
         ok = requeue_job()
         return ok
+
+
+class TimeLimit(L.Callback):
+    """``trainer.max_time_s``: stop at the first optimizer-step boundary after this many seconds of
+    training *in this invocation* (all ranks agree; the checkpoint of that step is written at train end).
+
+    Lightning's own ``max_time`` keeps its elapsed time in checkpoints, so a rerun would start with the
+    budget already spent and add 0-1 steps per invocation; this budget is fresh every time."""
+
+    def __init__(self, max_time_s: float, clock: Callable[[], float] = time.monotonic):
+        self.max_time_s, self.clock = max_time_s, clock
+        self.t0: float | None = None
+        self.stopped_at: int | None = None  # the step at which the time cap stopped training
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.t0 = self.clock()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches or self.stopped_at is not None or self.t0 is None:
+            return
+        over = int(self.clock() - self.t0 >= self.max_time_s)
+        if agree_max(trainer, over) and not (0 < trainer.max_steps <= trainer.global_step):
+            self.stopped_at = trainer.global_step
+            trainer.should_stop = True
+
+    @property
+    def triggered(self) -> bool:
+        return self.stopped_at is not None
 
 
 def _main(argv: list[str]) -> int:

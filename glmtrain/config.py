@@ -133,7 +133,10 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = 400
-    max_time_s: float = 0.0  # stop early after this wall time (0 = no limit)
+    # Wall-clock cap on training per invocation (0 = none): the run stops at a step boundary with a
+    # checkpoint, reports itself as not finished (final.json "stopped": "max_time_s", exit status 75);
+    # a rerun continues with a fresh budget.
+    max_time_s: float = 0.0
     # Stop (with a checkpoint) after this optimizer step without changing the schedule, which
     # stays defined by max_steps: train a long run in chunks; rerun the command to continue (0 = off).
     stop_at_step: int = 0
@@ -173,7 +176,7 @@ class LoggerConfig:
     kind: str = "csv"  # csv | wandb | none
     project: str = "glmtrain"
     entity: str = ""
-    mode: str = "offline"  # wandb: offline | online
+    mode: str = "auto"  # wandb: auto ($WANDB_MODE if set, else offline) | offline | online
     tags: list[str] = field(default_factory=list)
 
 
@@ -218,7 +221,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.progress": ("tqdm", "rich", "none"),
     "trainer.nonfinite": ("skip", "stop"),
     "logger.kind": ("csv", "wandb", "none"),
-    "logger.mode": ("offline", "online"),
+    "logger.mode": ("auto", "offline", "online"),
     "model.tokenizer.kind": ("char", "kmer", "kmer_overlap", "bpe", "byte"),
     "model.tokenizer.lowercase": ("upper", "keep", "error"),
     "model.tokenizer.iupac": ("N", "keep", "error"),
@@ -267,8 +270,12 @@ def _get(obj: Any, dotted: str) -> Any:
     return obj
 
 
-def validate(cfg: DictConfig | dict) -> RunConfig:
-    """Resolve and validate a composed config; raise :class:`ConfigError` with one line."""
+def validate(cfg: DictConfig | dict, given: set[str] | None = None) -> RunConfig:
+    """Resolve and validate a composed config; raise :class:`ConfigError` with one line.
+
+    ``given``: the keys the user set on the command line (the CLI passes them): those are also checked
+    for having any effect together with the rest (:data:`_INERT`).  A preset (data, experiment) may set
+    keys for several cases; only what the user typed is held against the combination."""
     if isinstance(cfg, DictConfig):
         try:
             raw = OmegaConf.to_container(cfg, resolve=True)
@@ -293,6 +300,8 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
         if value not in allowed:
             raise ConfigError(f"{key}={value!r}: allowed values are {', '.join(allowed)}")
     _check_combinations(run)
+    if given:
+        _check_inert(run, given)
     return run
 
 
@@ -344,16 +353,182 @@ def _check_combinations(run: RunConfig) -> None:
     if obj.mask_token_prob + obj.random_token_prob > 1.0 + 1e-9:
         raise ConfigError("objective.mask_token_prob + objective.random_token_prob must not exceed 1")
     t = run.trainer
-    for key in ("max_steps", "micro_batch_size", "accumulate", "devices", "num_nodes", "log_every", "ckpt_every"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"trainer.{key}={getattr(t, key)}: must be >= 1")
+    _check_ranges(run)
     _check_signals(t.signals)
     _check_data(run.data)
-    if t.global_batch_tokens < 0:
-        raise ConfigError(f"trainer.global_batch_tokens={t.global_batch_tokens}: must be >= 0 (0 = micro_batch_size x accumulate x ranks)")
+    if t.stop_at_step and t.stop_at_step >= t.max_steps:
+        raise ConfigError(f"trainer.stop_at_step={t.stop_at_step} never takes effect: the run ends at trainer.max_steps="
+                          f"{t.max_steps}; use a smaller stop_at_step or 0")
+    _check_model_builds(run)
     from glmtrain.parallel import check_strategy
 
     check_strategy(run)  # strategy x family x world size; DDP on one device is legal (SLURM single-task jobs)
+
+
+# Ranges.  Every int and float anywhere in the config must be >= 0 (none of them means anything when
+# negative); these must be > 0 (a zero would divide by zero, build an empty model or never run).
+POSITIVE = {
+    "trainer": ("max_steps", "micro_batch_size", "accumulate", "devices", "num_nodes", "log_every", "ckpt_every",
+                "val_batches"),
+    "optim": ("lr", "eps"),
+    "strategy": ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size", "stage3_max_live_parameters"),
+    "model": ("d_model", "n_heads", "filter_order", "short_filter_order", "short_filter_length", "se_filter_length",
+              "mr_filter_length", "se_filter_groups", "mr_filter_groups", "state_size", "mlp_multiple_of", "filter_chunk",
+              "norm_eps", "initializer_range", "rope_base", "rope_interpolation", "filter_w", "decay_fast", "decay_slow",
+              "decay_target", "mr_decay_fast", "mr_decay_slow", "mr_decay_target", "li_rate_min", "li_rate_max"),
+    "model.tokenizer": ("k", "pad_to_multiple"),
+}
+MAY_BE_NEGATIVE = {"model.modulation_shift"}
+
+
+def _numbers(obj: Any, prefix: str) -> list[tuple[str, Any]]:
+    out = []
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            out += _numbers(v, f"{prefix}{f.name}.")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out.append((f"{prefix}{f.name}", v))
+        elif isinstance(v, list):
+            for i, x in enumerate(v):
+                if dataclasses.is_dataclass(x):
+                    out += _numbers(x, f"{prefix}{f.name}[{i}].")
+                elif isinstance(x, (int, float)) and not isinstance(x, bool):
+                    out.append((f"{prefix}{f.name}[{i}]", x))
+    return out
+
+
+def _check_ranges(run: RunConfig) -> None:
+    import math
+
+    for key, v in _numbers(run, ""):
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{key}={v}: must be a finite number")
+        if v < 0 and key not in MAY_BE_NEGATIVE:
+            raise ConfigError(f"{key}={v}: must be >= 0")
+    for group, keys in POSITIVE.items():
+        node = _get(run, group)
+        for k in keys:
+            if hasattr(node, k) and getattr(node, k) <= 0:
+                raise ConfigError(f"{group}.{k}={getattr(node, k)}: must be > 0")
+    if getattr(run.model, "n_layers", 1) == 0 and dataclasses.fields(type(run.model)) and \
+            next(f for f in dataclasses.fields(type(run.model)) if f.name == "n_layers").default > 0:
+        raise ConfigError("model.n_layers=0: must be >= 1")
+    for f in dataclasses.fields(type(run.model)):
+        v = getattr(run.model, f.name)
+        # rates only: model.attn_dropout may be None (= dropout), model.token_dropout is ESM's on/off switch
+        if "dropout" in f.name and isinstance(v, float) and not 0.0 <= v < 1.0:
+            raise ConfigError(f"model.{f.name}={getattr(run.model, f.name)}: must lie in [0, 1)")
+    o = run.optim
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"optim.betas={list(o.betas)}: two values in [0, 1), e.g. [0.9, 0.95]")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio}: must lie in [0, 1]")
+    if not 0 <= run.seed < 2**32:
+        raise ConfigError(f"seed={run.seed}: must lie in [0, 2**32)")
+    bad = [k for k in run.eval.baselines if k > 12]
+    if bad:
+        raise ConfigError(f"eval.baselines={list(run.eval.baselines)}: Markov orders above 12 ({bad[0]}) are not supported")
+
+
+# Settings that take effect only together with others: giving one on the command line (a value other
+# than its default) where it cannot act is refused rather than ignored.  (key, applies(run), "where")
+_INERT: list[tuple[str, Any, str]] = [
+    ("strategy.find_unused_parameters", lambda r: r.strategy.name in ("auto", "ddp", "ddp_spawn"), "strategy=ddp"),
+    ("strategy.sequence_parallel", lambda r: r.strategy.name in ("fsdp", "tp"), "strategy=tp|fsdp_tp"),
+    ("strategy.vocab_parallel", lambda r: r.strategy.name in ("fsdp", "tp"), "strategy=tp|fsdp_tp"),
+    ("strategy.reshard_after_forward", lambda r: r.strategy.name in ("fsdp", "tp"), "strategy=fsdp|tp"),
+    ("strategy.param_dtype", lambda r: r.strategy.name in ("fsdp", "tp"), "strategy=fsdp|tp"),
+    ("strategy.reduce_dtype", lambda r: r.strategy.name in ("fsdp", "tp"), "strategy=fsdp|tp"),
+    ("strategy.checkpoint", lambda r: r.strategy.name in ("fsdp", "tp"), "strategy=fsdp|tp"),
+    *[(f"strategy.{k}", lambda r: r.strategy.name == "deepspeed", "strategy=deepspeed")
+      for k in ("zero_stage", "offload_optimizer", "offload_params", "overlap_comm", "reduce_bucket_size",
+                "allgather_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
+                "stage3_max_live_parameters")],
+    *[(f"objective.{k}", lambda r: r.objective.name == "mlm", "objective=mlm")
+      for k in ("mask_prob", "mask_token_prob", "random_token_prob")],
+    ("optim.min_lr_ratio", lambda r: r.optim.schedule == "cosine", "optim.schedule=cosine"),
+    ("data.softmask_weight", lambda r: r.data.softmask == "weight", "data.softmask=weight"),
+    ("data.split.valid_fraction", lambda r: r.data.split.kind == "fraction", "data.split.kind=fraction"),
+    ("data.split.test_fraction", lambda r: r.data.split.kind == "fraction", "data.split.kind=fraction"),
+    ("data.split.valid_records", lambda r: r.data.split.kind == "records", "data.split.kind=records"),
+    ("data.split.test_records", lambda r: r.data.split.kind == "records", "data.split.kind=records"),
+    ("data.split.bed", lambda r: r.data.split.kind == "bed", "data.split.kind=bed"),
+    ("data.split.bed_species", lambda r: r.data.split.kind == "bed", "data.split.kind=bed"),
+    ("data.shards", lambda r: r.data.format == "shards", "data.format=shards"),
+    *[(f"logger.{k}", lambda r: r.logger.kind == "wandb", "logger=wandb") for k in ("project", "entity", "mode", "tags")],
+    ("trainer.nonfinite_max_consecutive", lambda r: r.trainer.nonfinite == "skip", "trainer.nonfinite=skip"),
+]
+_DEFAULTS: dict[str, Any] = {}
+
+
+def _default(key: str) -> Any:
+    if not _DEFAULTS:
+        def walk(obj, prefix):
+            for f in dataclasses.fields(obj):
+                v = getattr(obj, f.name)
+                if dataclasses.is_dataclass(v):
+                    walk(v, f"{prefix}{f.name}.")
+                else:
+                    _DEFAULTS[f"{prefix}{f.name}"] = v
+        walk(RunConfig(), "")
+    return _DEFAULTS[key]
+
+
+def _check_inert(run: RunConfig, given: set[str]) -> None:
+    for key, applies, where in _INERT:
+        if key not in given:
+            continue
+        value = _get(run, key)
+        if value != _default(key) and not applies(run):
+            raise ConfigError(f"{key}={value!r} has no effect here: it applies only with {where}; "
+                              "remove it or change that setting")
+
+
+def _check_model_builds(run: RunConfig) -> None:
+    """Build the model on the meta device (no memory, no compute): shape rules such as heads dividing the
+    width are the model's own, and a violation becomes one line here instead of a traceback later."""
+    import torch
+
+    from glmtrain.models import build_model
+    from glmtrain.tokenizers import build_tokenizer
+
+    try:
+        tok = build_tokenizer(OmegaConf.to_container(OmegaConf.structured(run.model.tokenizer)))
+        with torch.device("meta"):
+            build_model(run.model, tok.vocab_size)
+    except (ValueError, TypeError, ZeroDivisionError, RuntimeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(msg if msg.startswith("model.") else f"model: {msg}") from None
+
+
+def check_machine(run: RunConfig) -> None:
+    """What this machine cannot do (run by the CLI after :func:`validate`; a config read back from a
+    checkpoint elsewhere is not checked against this machine): GPUs that are not there, NCCL without
+    a GPU, several nodes without a launcher that provides them."""
+    import os
+
+    import torch
+
+    t, env = run.trainer, os.environ
+    gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
+    launched = any(k in env for k in ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "WORLD_SIZE"))
+    if t.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        vis = env.get("CUDA_VISIBLE_DEVICES")
+        raise ConfigError(f"trainer.accelerator={t.accelerator}: this machine has no usable CUDA GPU "
+                          f"(torch.cuda.is_available() is False{'; CUDA_VISIBLE_DEVICES=' + repr(vis) if vis is not None else ''}"
+                          f"; torch {torch.__version__}); use trainer.accelerator=cpu (or auto)")
+    if gpu and not launched and t.devices > torch.cuda.device_count():
+        raise ConfigError(f"trainer.devices={t.devices}: this machine has {torch.cuda.device_count()} visible GPU(s)")
+    if run.strategy.backend == "nccl" and not gpu:
+        raise ConfigError("strategy.backend=nccl needs GPUs; this run uses the CPU (use strategy.backend=gloo or auto)")
+    if t.precision == "16-mixed" and not gpu:
+        raise ConfigError("trainer.precision=16-mixed needs a GPU (fp16 autocast with a grad scaler); on CPU use "
+                          "32-true or bf16-mixed")
+    if t.num_nodes > 1 and not launched and not ("MASTER_ADDR" in env and "NODE_RANK" in env):
+        raise ConfigError(f"trainer.num_nodes={t.num_nodes}: started as one local process, nothing would start the other "
+                          "nodes (it would wait for them forever); launch with srun / torchrun, or set MASTER_ADDR and "
+                          "NODE_RANK on every node")
 
 
 def _check_data(d: DataConfig) -> None:

@@ -8,7 +8,6 @@ evaluation beside Markov baselines -> ``final.json``.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import sys
@@ -26,9 +25,10 @@ from glmtrain.checkpointing import AtomicCheckpointIO, StepCheckpoint, find_resu
 from glmtrain.config import RunConfig, compat_fingerprint, to_yaml
 from glmtrain.checkpointing import StepSeed, check_state_shapes, load_weights, step_path
 from glmtrain.ckpt_formats import refuse_foreign
-from glmtrain.cluster import Preemption, cluster_environment
+from glmtrain.cluster import Preemption, TimeLimit, cluster_environment
 from glmtrain.data.genome import GenomeDataModule
 from glmtrain.faults import NonFiniteGuard, NumericalFault
+from glmtrain.locks import hold_run_dir
 from glmtrain.module import GLMModule
 from glmtrain.parallel import strategies as parallel
 from glmtrain.tokenizers import prepare_vocabulary
@@ -74,8 +74,8 @@ def build_logger(run: RunConfig, run_dir: Path):
     if lg.kind == "csv":
         return CSVLogger(save_dir=str(run_dir), name="logs")  # a new logs/version_N per (re)start: nothing overwritten
     # wandb: a stable id kept in the run directory so a resumed run continues the same wandb run
-    if lg.mode == "offline":
-        os.environ.setdefault("WANDB_MODE", "offline")
+    mode = wandb_mode(lg.mode)
+    os.environ["WANDB_MODE"] = mode  # wandb itself reads it (also in DDP children)
     id_file = run_dir / "wandb_id.txt"
     if id_file.exists():
         run_id = id_file.read_text().strip()
@@ -86,7 +86,12 @@ def build_logger(run: RunConfig, run_dir: Path):
         if _rank() == 0:
             id_file.write_text(run_id)
     return WandbLogger(project=lg.project, entity=lg.entity or None, save_dir=str(run_dir), id=run_id, resume="allow",
-                       offline=lg.mode == "offline", tags=list(lg.tags), name=run.name)
+                       offline=mode == "offline", tags=list(lg.tags), name=run.name)
+
+
+def wandb_mode(mode: str) -> str:
+    """``logger.mode``: online | offline as given; auto = the environment's WANDB_MODE, else offline."""
+    return mode if mode != "auto" else (os.environ.get("WANDB_MODE") or "offline")
 
 
 def _set_threads(run: RunConfig, accelerator: str) -> None:
@@ -97,6 +102,7 @@ def _set_threads(run: RunConfig, accelerator: str) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // run.trainer.devices))
 
 
+@hold_run_dir  # one run per run_dir at a time (glmtrain.locks): a second process is refused with one line
 def train(run: RunConfig) -> dict:
     t0 = time.perf_counter()
     run_dir = Path(run.run_dir)
@@ -113,6 +119,8 @@ def train(run: RunConfig) -> dict:
     module = GLMModule(run)
     if resume is not None:
         check_state_shapes(resume, module)  # one line naming the first mismatching tensor
+        if run.trainer.init_from:  # by design (a requeued chain stage): its own checkpoint wins
+            _say(f"trainer.init_from={run.trainer.init_from} is not used: this run resumes from its own checkpoint")
     elif run.trainer.init_from:
         load_weights(run.trainer.init_from, module, say=_say)
     cluster_env = cluster_environment()  # srun/sbatch: SLURMEnvironment(auto_requeue=False); torchrun: TorchElastic
@@ -135,7 +143,7 @@ def train(run: RunConfig) -> dict:
         strategy=build_strategy(run, accelerator, topo),
         precision=resolve_precision(run, accelerator),
         max_steps=t.max_steps,
-        max_time=dt.timedelta(seconds=t.max_time_s) if t.max_time_s > 0 else None,
+        max_time=None,  # trainer.max_time_s: TimeLimit below (a fresh budget per invocation)
         accumulate_grad_batches=batch.accumulate,
         gradient_clip_val=None,  # GLMModule clips (after its global loss normalisation); DeepSpeed: its config
         log_every_n_steps=t.log_every,
@@ -158,7 +166,8 @@ def train(run: RunConfig) -> dict:
     preempt = Preemption(t.signals, ckpt_cb._save)
     guard = NonFiniteGuard(t.nonfinite, t.nonfinite_max_consecutive, save=ckpt_cb._save,
                            check_grads=trainer.precision not in ("16-mixed", "16"))
-    trainer.callbacks.extend([StepSeed(run.seed), guard, preempt])
+    timer = TimeLimit(t.max_time_s) if t.max_time_s > 0 else None
+    trainer.callbacks.extend([StepSeed(run.seed), guard, preempt, *([timer] if timer else [])])
     if resume is not None:
         _say(f"resuming from {resume}")
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None, weights_only=True)
@@ -175,6 +184,8 @@ def train(run: RunConfig) -> dict:
         return {"steps": trainer.global_step, "interrupted": preempt.signal_name, "requeued": requeued}
     train_s = time.perf_counter() - t0
     result = {"steps": trainer.global_step, "train_wall_s": round(train_s, 1), "consumed_samples": module.consumed_samples}
+    if timer is not None and timer.triggered:  # not finished: said in the report, final.json and the exit status
+        result.update(stopped="max_time_s", max_steps=t.max_steps, max_time_s=t.max_time_s)
     if run.eval.final:
         trainer.limit_val_batches = 1.0
         tok = module.tokenizer
@@ -224,6 +235,8 @@ def report(run: RunConfig, result: dict) -> None:
     what = "bases" if run.objective.name == "clm" else "masked bases"
     lines = [f"\n{metric} ({run.run_dir}, step {result['steps']}, {result.get('val_bases', 0):.0f} {what} "
              f"in {result.get('val_tokens', 0):.0f} tokens scored):"]
+    if result.get("stopped") == "max_time_s":
+        lines[0] = lines[0].replace(f"step {result['steps']},", f"step {result['steps']} of {result['max_steps']},")
     if "val_bits_per_base" in result:
         lines.append(f"  {run.model.name:<32} {result['val_bits_per_base']:.4f}")
     for name, v in result.get("baselines_bits_per_base", {}).items():
@@ -231,4 +244,7 @@ def report(run: RunConfig, result: dict) -> None:
         lines.append(f"  {label:<32} {v:.4f}")
     lines.append(f"  wall time {result['wall_s']:.1f} s" + (f", training {result['train_tok_s']:.0f} tokens/s" if "train_tok_s" in result else "")
                  + (f", MFU {100 * result['train_mfu']:.1f} %" if "train_mfu" in result else ""))
+    if result.get("stopped") == "max_time_s":
+        lines.append(f"glmtrain: NOT FINISHED: stopped by trainer.max_time_s={result['max_time_s']:g} at step "
+                     f"{result['steps']} of {result['max_steps']}; rerun the same command to continue (a fresh time budget)")
     print("\n".join(lines), file=sys.stdout, flush=True)

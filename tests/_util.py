@@ -14,6 +14,8 @@ from glmtrain.config import RunConfig, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
+# small real genomes shipped with the package (provenance: glmtrain/resources/genomes/README.md)
+GENOMES = ROOT / "glmtrain" / "resources" / "genomes"
 
 
 def compose_cfg(overrides: list[str]):

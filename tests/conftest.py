@@ -1,10 +1,10 @@
 """Fixtures for the cluster-operation tests: a real local SLURM, reference runs, run helpers.
 
-* ``slurm`` (session): starts a one-node SLURM with ``../shared/tools/slurm-local/start.sh
-  --fresh`` the first time a test asks for it, and ALWAYS stops it (``stop.sh``) at the end of
-  the session, also when tests fail or the start itself failed half-way.  If SLURM cannot be
-  started, the tests that need it fail when ``CI=true`` and are skipped with the reason
-  otherwise.
+* ``slurm`` (session): starts a one-node SLURM with the project's ``scripts/slurm-local/start.sh
+  --fresh`` (which installs Debian's slurm and munge packages when they are missing) the first
+  time a test asks for it, and ALWAYS stops it (``stop.sh``) at the end of the session, also when
+  tests fail or the start itself failed half-way.  If SLURM cannot be started, the tests that need
+  it fail when ``CI=true`` and are skipped otherwise, with a reason that says how to enable them.
 * ``reference_1p`` / ``reference_ddp`` (session): uninterrupted tiny runs (single process /
   2-process CPU DDP) that the recovery and SLURM tests compare their final weights with.
 """
@@ -27,7 +27,7 @@ import torch
 from glmtrain.ckpt_formats import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-SLURM_LOCAL = Path(os.environ.get("GLMTRAIN_SLURM_LOCAL", ROOT.parent / "shared" / "tools" / "slurm-local"))
+SLURM_LOCAL = Path(os.environ.get("GLMTRAIN_SLURM_LOCAL", ROOT / "scripts" / "slurm-local"))
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 LOCK_WAIT_S = int(os.environ.get("GLMTRAIN_SLURM_LOCK_WAIT_S", "900"))
 
@@ -110,7 +110,7 @@ def kill_midway(args: list[str], run_dir: Path, rng: random.Random, max_steps: i
     delay = rng.uniform(0.0, 0.3)
     p = subprocess.Popen(cli_cmd(args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          env=child_env(), start_new_session=True)
-    target = run_dir / "checkpoints" / f"step={after:08d}.ckpt"
+    target = run_dir / "checkpoints" / f"step-{after:08d}.ckpt"
     t0 = time.time()
     try:
         while not target.exists():
@@ -205,13 +205,17 @@ def _slurm_unavailable(reason: str):
     pytest.skip(f"local SLURM not available: {reason}")
 
 
+HOW = ("to enable them, run the tests as root on a machine where apt-get can install slurmctld, slurmd, "
+       "slurm-client and munge (or where they are installed); scripts/slurm-local/start.sh does the rest")
+
+
 @pytest.fixture(scope="session")
 def slurm():
     start, stop = SLURM_LOCAL / "start.sh", SLURM_LOCAL / "stop.sh"
     if not start.exists():
-        _slurm_unavailable(f"{start} not found (the shared tools sit beside the repository)")
+        _slurm_unavailable(f"{start} not found (GLMTRAIN_SLURM_LOCAL={os.environ.get('GLMTRAIN_SLURM_LOCAL')})")
     if hasattr(os, "geteuid") and os.geteuid() != 0:
-        _slurm_unavailable("start.sh must run as root")
+        _slurm_unavailable(f"not root; {HOW}")
     base = Path(os.environ.get("SLURM_LOCAL_BASE", "/tmp/slurm-local"))
     # One test session at a time owns the machine's local SLURM (start --fresh / stop would pull the cluster
     # from under a concurrent session's jobs): an exclusive lock, released at the end or when we die.
@@ -233,7 +237,7 @@ def slurm():
         t0 = time.time()
         res = subprocess.run(["bash", str(start), "--fresh"], capture_output=True, text=True, timeout=300)
         if res.returncode != 0:
-            _slurm_unavailable(f"start.sh failed ({res.returncode}): {(res.stderr or res.stdout).strip()[-800:]}")
+            _slurm_unavailable(f"{start} failed ({res.returncode}): {(res.stderr or res.stdout).strip()[-600:]}; {HOW}")
         print(f"\n[slurm] started in {time.time() - t0:.1f} s: {res.stdout.strip().splitlines()[-1]}")
         yield LocalSlurm(base)
     except subprocess.TimeoutExpired:

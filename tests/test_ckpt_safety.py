@@ -18,7 +18,6 @@ import torch
 
 from glmtrain import ckpt_formats
 from glmtrain.checkpointing import CheckpointError, UnsafeCheckpointError, find_resume_checkpoint, read_meta, step_path
-from tests._util import run_cli
 
 
 class Payload:
@@ -71,19 +70,28 @@ def test_file_checkpoint_with_payload_is_refused_and_resume_does_not_fall_back(t
     assert not marker.exists()
 
 
-def test_init_from_a_run_dir_whose_newest_checkpoint_carries_a_payload(tmp_path):
-    """Through the real CLI: exit status 2, one line naming the file, the payload never runs."""
+def test_init_from_a_run_dir_whose_newest_checkpoint_carries_a_payload(tmp_path, capsys):
+    """Through the CLI's run function: exit status 2, one line naming the file, the payload never runs."""
+    from glmtrain import cli
+    from glmtrain.cluster import FLAG
+    from tests._util import compose_cfg
+
     marker = tmp_path / "pwned"
     src = tmp_path / "other-run"
     ckpt_formats.save_file(_ckpt(), step_path(src / "checkpoints", 2))
     evil = step_path(src / "checkpoints", 4)
     ckpt_formats.save_file(_ckpt(extra=Payload(marker)), evil)
-    r = run_cli(["experiment=smoke", "trainer.progress=none", f"trainer.init_from={src}", f"run_dir={tmp_path / 'new'}"],
-                timeout=120)
-    assert r.returncode == 2, r.stderr[-2000:]
-    err = [ln for ln in r.stderr.splitlines() if ln.startswith("glmtrain: error")]
-    assert len(err) == 1 and str(evil) in err[0] and "refused" in err[0], r.stderr[-2000:]
-    assert "Traceback" not in r.stderr
+    try:
+        with pytest.raises(SystemExit) as e:
+            cli.run_config(compose_cfg(["experiment=smoke", "trainer.progress=none", f"trainer.init_from={src}",
+                                        f"run_dir={tmp_path / 'new'}"]))
+    finally:
+        FLAG.uninstall()
+    assert e.value.code == 2
+    stderr = capsys.readouterr().err
+    err = [ln for ln in stderr.splitlines() if ln.startswith("glmtrain: error")]
+    assert len(err) == 1 and str(evil) in err[0] and "refused" in err[0], stderr[-2000:]
+    assert "Traceback" not in stderr
     assert not marker.exists()
 
 
@@ -157,3 +165,30 @@ def test_deepspeed_directory_files_are_checked_before_deepspeed_reads_them(tmp_p
     with pytest.raises(CheckpointError, match="DeepSpeed directory"):  # init_from / non-DeepSpeed loads refuse it
         ckpt_formats.load_full(good)
     assert not marker.exists()
+
+
+def test_one_module_owns_the_formats_checkpointing_and_strategies_do_not_import_each_other():
+    import ast
+
+    from tests._util import ROOT
+
+    def imports(rel: str) -> set[str]:
+        tree = ast.parse((ROOT / rel).read_text())
+        out = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                out.add(node.module)
+                out.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                out.update(a.name for a in node.names)
+        return out
+
+    a, b, f = imports("glmtrain/checkpointing.py"), imports("glmtrain/parallel/strategies.py"), imports("glmtrain/ckpt_formats.py")
+    assert "glmtrain.parallel.strategies" not in a and "glmtrain.checkpointing" not in b
+    assert "glmtrain.ckpt_formats" in a and "glmtrain.ckpt_formats" in b
+    assert not {m for m in f if m.startswith(("glmtrain.checkpointing", "glmtrain.parallel"))}
+    # and nothing reads a checkpoint with pickle's full power any more
+    import re
+
+    for path in (ROOT / "glmtrain").rglob("*.py"):
+        assert not re.search(r"weights_only\s*=\s*False\s*[,)]|pickle\.loads?\(", path.read_text()), path

@@ -73,3 +73,30 @@ def test_help_lists_groups():
     for group in ("model:", "data:", "objective:", "strategy:", "trainer:", "logger:", "experiment:"):
         assert group in r.stdout
     assert "transformer_encoder" in r.stdout and "mlm" in r.stdout
+
+
+@pytest.mark.parametrize("overrides, says", [
+    (["strategy=ddp", "+strategy.zero_stage=3"], "strategy.zero_stage=3 has no effect here: it applies only with strategy=deepspeed"),
+    (["strategy=ddp", "+strategy.checkpoint=full"], "strategy.checkpoint='full' has no effect here"),
+    (["+objective.mask_prob=0.3"], "objective.mask_prob=0.3 has no effect here: it applies only with objective=mlm"),
+    (["optim.schedule=constant", "optim.min_lr_ratio=0.5"], "optim.min_lr_ratio=0.5 has no effect"),
+    (["data.softmask_weight=0.5"], "data.softmask_weight=0.5 has no effect here: it applies only with data.softmask=weight"),
+    (["data.split.kind=fraction", "data.split.valid_records=[chr1]"], "data.split.valid_records=['chr1'] has no effect"),
+    (["data.format=memory", "data.shards=/x"], "data.shards='/x' has no effect here"),
+    (["+logger.mode=online"], "logger.mode='online' has no effect here: it applies only with logger=wandb"),
+    (["trainer.max_steps=10", "trainer.stop_at_step=10"], "trainer.stop_at_step=10 never takes effect"),
+    (["strategy=ddp", "+strategy.tp_size=2", "trainer.devices=2"], "needs strategy=tp or strategy=fsdp"),
+])
+def test_settings_that_cannot_take_effect_together_are_refused(overrides, says):
+    from glmtrain.cli import given_keys
+
+    with pytest.raises(ConfigError) as e:
+        validate(compose_cfg(overrides), given=given_keys(overrides))  # as typed on the command line
+    assert says in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_preset_may_set_keys_for_other_cases_only_typed_ones_are_judged():
+    from glmtrain.cli import given_keys
+
+    ovs = ["data.split.kind=fraction"]  # data=sample lists valid_records for its own records split
+    assert validate(compose_cfg(ovs), given=given_keys(ovs)).data.split.valid_records == ["chr4"]

@@ -25,8 +25,7 @@ from glmtrain.data.stream import WindowEncoder
 from glmtrain.tokenizers import CharTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-GENOMES = REPO.parent / "shared" / "data" / "genomes"
-needs_shared = pytest.mark.skipif(not GENOMES.is_dir(), reason=f"shared genomes not found at {GENOMES}")
+from tests._util import GENOMES  # noqa: E402 (shipped samples)
 
 
 def data_cfg(tmp: Path, sources: list[dict], **kw):
@@ -64,7 +63,6 @@ def rand_seq(rng, n, alphabet=b"ACGTACGTACGTacgtN"):
 
 
 # ------------------------------------------------------------------ build
-@needs_shared
 def test_build_manifest_webdataset_and_memory_equivalence(tmp_path):
     src = [{"path": str(GENOMES / "human_hg19_chr17_part_softmasked.fa.gz"), "species": "human"},
            {"path": str(GENOMES / "lambda_phage.fa.gz"), "species": "lambda", "weight": 0.5}]
@@ -117,7 +115,6 @@ def test_build_manifest_webdataset_and_memory_equivalence(tmp_path):
         build_shards(make_plan(cfg2), out, verbose=False)
 
 
-@needs_shared
 def test_build_cli_one_line_errors(tmp_path):
     env = {**os.environ, "GLMTRAIN_GENOMES": str(GENOMES)}
     base = [sys.executable, "-m", "glmtrain.data", "build", "data=multispecies_cgp", f"data.cache_dir={tmp_path / 'c'}"]
@@ -338,3 +335,114 @@ def test_train_from_a_built_directory_without_the_fasta(tmp_path):
     other = data_cfg(tmp_path, [{"path": str(f), "species": "sp"}], shards=str(out), window=32)
     with pytest.raises(DataInputError, match=r"built with other settings \(data.window was 64, is 32 now\)"):
         open_store(other, verbose=False)
+
+
+# ------------------------------------------------------ no silent wrong data, no hangs
+def test_fasta_replaced_under_an_older_index_is_reindexed_not_misread(tmp_path, capsys):
+    """A FASTA rewritten at the same path while its .fai stays: the old record offsets and lengths must not
+    be used -- also when the new file looks older than the index (copied with its mtime, cp -p / rsync -t)."""
+    rng = np.random.default_rng(5)
+    f = write_fasta(tmp_path / "g.fa", [("r1", rand_seq(rng, 3000)), ("r2", rand_seq(rng, 2000))])
+    first = make_plan(data_cfg(tmp_path, [{"path": str(f)}]))
+    assert [(r.name, r.length) for r in first.records] == [("r1", 3000), ("r2", 2000)]
+    fai = Path(str(f) + ".fai")
+    old = fai.stat().st_mtime_ns
+    new = [("chrA", rand_seq(rng, 1000)), ("r1", rand_seq(rng, 4500))]
+    write_fasta(f, new, width=70)
+    os.utime(f, ns=(old - 10**9, old - 10**9))  # the FASTA now looks older than its stale index
+    plan = make_plan(data_cfg(tmp_path, [{"path": str(f)}]))
+    assert "does not fit" in capsys.readouterr().err
+    assert [(r.name, r.length) for r in plan.records] == [("chrA", 1000), ("r1", 4500)]
+    got = {(s[0][1], s[1], s[2]): s[4].decode() for s in all_samples(MemoryStore(plan), "train")}
+    seqs = dict(new)
+    assert got and all(seqs[name][a:b] == raw for (name, a, b), raw in got.items())
+
+
+def test_classic_mac_line_endings_are_named(tmp_path):
+    for gz in (False, True):
+        f = write_fasta(tmp_path / f"mac{int(gz)}.fa{'.gz' if gz else ''}", [("a", "ACGT" * 40)], eol="\r", gz=gz)
+        with pytest.raises(DataInputError, match=r"classic-Mac line endings \(CR only") as e:
+            make_plan(data_cfg(tmp_path, [{"path": str(f)}]))
+        assert "\n" not in str(e.value) and str(f) in str(e.value)
+
+
+def test_shards_built_from_other_sources_are_refused(tmp_path):
+    rng = np.random.default_rng(6)
+    a = write_fasta(tmp_path / "a.fa", [("r1", rand_seq(rng, 4000))])
+    b = write_fasta(tmp_path / "b.fa", [("r1", rand_seq(rng, 4000))])  # same names, lengths and species
+    out = tmp_path / "shards"
+    build_shards(make_plan(data_cfg(tmp_path, [{"path": str(a), "species": "x"}])), out, verbose=False)
+    open_store(data_cfg(tmp_path, [{"path": str(a), "species": "x"}], shards=str(out)), verbose=False)  # its own: fine
+    for src, says in (({"path": str(b), "species": "x"}, "is not the file the shards were built from"),
+                      ({"path": str(a), "species": "x", "records": ["r1"]}, "records were all"),
+                      ({"path": str(tmp_path / "gone.fa"), "species": "x"}, "not on this machine")):
+        with pytest.raises(DataInputError, match=says) as e:
+            open_store(data_cfg(tmp_path, [src], shards=str(out)), verbose=False)
+        assert "\n" not in str(e.value) and str(out) in str(e.value)
+
+
+_SLOW_BUILD = """
+import json, sys, time
+from glmtrain.config import validate_data
+from glmtrain.data import shards
+from glmtrain.data.plan import make_plan
+write = shards.write_unit
+def slow(plan, unit, out, fetch):  # the first shard is written, every other one hangs: killed mid-way
+    if not unit.name.endswith("-000000"):
+        time.sleep(120)
+    return write(plan, unit, out, fetch)
+shards.write_unit = slow
+shards.build_shards(make_plan(validate_data(json.loads(sys.argv[1]))), sys.argv[2], workers=2)
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_killed_build_leaves_no_workers_holding_the_lock_and_rerun_resumes(tmp_path, sig):
+    import signal
+    import time
+
+    from glmtrain.locks import FileLock
+
+    rng = np.random.default_rng(7)
+    f = write_fasta(tmp_path / "g.fa", [("r1", rand_seq(rng, 6000)), ("r2", rand_seq(rng, 4000))])
+    node = {"name": "t", "sources": [{"path": str(f)}], "cache_dir": str(tmp_path / "cache"), "window": 64,
+            "shard_mb": 0.05, "split": {"kind": "fraction", "valid_fraction": 0.2}, "max_val_windows": 0}
+    out = tmp_path / "s"
+    p = subprocess.Popen([sys.executable, "-c", _SLOW_BUILD, json.dumps(node), str(out)], cwd=REPO,
+                         stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    workers: list[str] = []
+    while not ((out / "train-000-000000.done.json").exists() and len(workers) == 2):
+        assert p.poll() is None and time.time() - t0 < 60, "the build never got going"
+        workers = open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()
+        time.sleep(0.05)
+    p.send_signal(getattr(signal, sig))
+    p.wait(30)
+    t0 = time.time()
+    while any(Path(f"/proc/{w}").exists() and "Z" not in open(f"/proc/{w}/stat").read().split()[2] for w in workers):
+        assert time.time() - t0 < 10, f"build workers {workers} outlived their parent"
+        time.sleep(0.05)
+    lock = FileLock(out.with_name(out.name + ".lock"))
+    assert lock.try_acquire(), "the build lock is still held"
+    lock.release()
+    m = build_shards(make_plan(data_cfg(tmp_path, [{"path": str(f)}])), out, workers=1, verbose=False)
+    assert m["build"]["skipped"] >= 1 and m["build"]["built"] >= 1  # resumed: the finished shard was kept
+
+
+def test_real_n_run_is_filtered_and_never_carries_loss(tmp_path):
+    """hg19 chr22 with a real 100 kb run of N (shipped sample): windows over it are dropped by max_n_fraction,
+    windows at its edges keep their bases and give the N positions weight 0."""
+    src = [{"path": str(GENOMES / "human_hg19_chr22_nrun_140kb.fa.gz"), "species": "human"}]
+    cfg = data_cfg(tmp_path, src, window=1000, stride=500, max_n_fraction=0.5,
+                   split={"kind": "fraction", "valid_fraction": 0.1})
+    mem = MemoryStore(make_plan(cfg))
+    samples = all_samples(mem, "train")
+    starts = [s for _, s, _, _, _ in samples]
+    assert 19_500 in starts and 119_500 in starts  # half N: kept at max_n_fraction=0.5
+    assert all(s <= 19_500 or s >= 119_500 for s in starts)  # nothing from inside the N run
+    edge = next(raw for _, s, _, _, raw in samples if s == 19_000)  # 1000 real bases just before it
+    assert b"N" not in edge
+    enc = WindowEncoder(cfg, CharTokenizer())
+    mixed = next(raw for _, s, _, _, raw in samples if s == 119_500)  # 500 N then 500 bases
+    ids, w = enc(np.frombuffer(mixed, dtype=np.uint8))
+    assert mixed[:500] == b"N" * 500 and (w[:500] == 0).all() and (w[500:] == 1).all()

@@ -44,7 +44,7 @@ def test_ddp_two_ranks_two_workers_stop_and_resume_sees_the_uninterrupted_stream
     trace.mkdir()
     first = _cli(run_dir, cache, trace, K)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert (run_dir / "checkpoints" / f"step={K:08d}.ckpt").exists()
+    assert (run_dir / "checkpoints" / f"step-{K:08d}.ckpt").exists()
     second = _cli(run_dir, cache, trace, 2 * K)  # same run_dir: resumes from step K
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming from" in second.stdout + second.stderr

@@ -14,8 +14,7 @@ from glmtrain.data.plan import make_plan, merge_intervals, subtract_intervals
 from glmtrain.data.shards import ShardStore, build_shards
 
 REPO = Path(__file__).resolve().parents[1]
-GENOMES = REPO.parent / "shared" / "data" / "genomes"
-pytestmark = pytest.mark.skipif(not GENOMES.is_dir(), reason=f"shared genomes not found at {GENOMES}")
+from tests._util import GENOMES  # noqa: E402 (shipped samples)
 
 
 def coverage(store, plan) -> dict[str, dict[tuple[str, str], np.ndarray]]:

@@ -21,8 +21,7 @@ from glmtrain.data.shards import COMP
 from glmtrain.tokenizers import CharTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-GENOMES = REPO.parent / "shared" / "data" / "genomes"
-pytestmark = pytest.mark.skipif(not GENOMES.is_dir(), reason=f"shared genomes not found at {GENOMES}")
+from tests._util import GENOMES  # noqa: E402 (shipped samples)
 
 
 def lambda_cfg(tmp: Path, **kw):

@@ -64,8 +64,12 @@ def test_modal_filter_fft_equals_recurrence_and_explicit_sum(groups):
     fft = ops.fft_causal_conv(x, ops.grouped_filter(h, d), f.D)
     rec = f.forward_recurrent(x)
     assert rel_err(fft.detach(), rec.detach()) < 1e-8
-    # the whole LI operator path (projection, featurizer, gating) uses the same filter
-    assert torch.all(p > 0) and torch.all(p < 1)
+    # initial decay rates -log(p): spread log-uniformly over [rate_min, rate_max] = [1e-3, 1] (jitter below half
+    # a bin), increasing along the modes of every group
+    rate = -torch.log(p)
+    half_bin = math.log(1.0 / 1e-3) / (2 * n)
+    assert rate.min() >= 1e-3 * math.exp(-half_bin) and rate.max() <= math.exp(half_bin)
+    assert torch.all(rate[:, 1:] > rate[:, :-1])
 
 
 def test_modal_materialize_gradients_checkpointed():
@@ -116,8 +120,12 @@ def test_evo2_quirks():
 def test_rope_base_and_interpolation_are_separate_knobs():
     model = Evo2(tiny_cfg(rope_base=1e6, rope_interpolation=8.0), 512)
     rope = model.blocks[3].mixer.rope
-    assert rope.base == 1e6 and rope.interpolation_factor == 8.0
     hd = rope.head_dim
+    # the model's rotary table is base 1e6 (theta_i = 1e6^(-2i/hd)) at positions divided by 8
+    want = 1e6 ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    torch.testing.assert_close(rope.inv_freq().double(), want, rtol=1e-6, atol=0)
+    cos_m, _ = rope.cos_sin(17, "cpu", torch.float64)
+    torch.testing.assert_close(cos_m[16].reshape(-1)[: hd // 2], torch.cos(2.0 * want), rtol=1e-6, atol=1e-7)
     # interpolation divides positions: position 8p with factor 8 == position p with factor 1 (same base)
     r8 = RotaryEmbedding(hd, 1e6, 8.0)
     r1 = RotaryEmbedding(hd, 1e6, 1.0)

@@ -70,7 +70,7 @@ def test_skip_policy_drops_the_faulty_update_and_counts_it(tmp_path, monkeypatch
 def test_stop_policy_checkpoints_pre_fault_weights_and_raises(tmp_path, monkeypatch):
     _inject(monkeypatch, "grad", {3})
     with pytest.raises(NumericalFault, match=r"non-finite gradient at optimizer step 3; training stopped "
-                                             r"\(trainer.nonfinite=stop\); .*step=00000003.ckpt holds the weights from before the fault"):
+                                             r"\(trainer.nonfinite=stop\); .*step-00000003.ckpt holds the weights from before the fault"):
         train(compose_run([*BASE, f"run_dir={tmp_path}", "trainer.nonfinite=stop"]))
     ck = _ckpts(tmp_path)
     assert sorted(ck) == [1, 2, 3]  # nothing after the fault

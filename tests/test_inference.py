@@ -75,7 +75,9 @@ def test_log_likelihood_matches_manual_and_ignores_right_padding(family):
         manual = logp.gather(-1, single[0, 1:, None]).sum()
         assert torch.allclose(ll[i].double(), manual, atol=1e-5)
     lp = token_log_probs(model, ids)
-    assert lp.shape == (2, ids.shape[1] - 1) and torch.all(lp <= 0)
+    assert lp.shape == (2, ids.shape[1] - 1)
+    manual = torch.log_softmax(model.eval()(ids)[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+    torch.testing.assert_close(lp.double(), manual.double(), rtol=0, atol=1e-5)  # per token, at the label's id
     mean = sequence_log_likelihood(model, ids, pad_id=tok.pad_id, reduction="mean")
     assert torch.allclose(mean[1], ll[1] / (len(seqs[1]) - 1))
     scored = score_sequences(model, tok, seqs, batch_size=1)

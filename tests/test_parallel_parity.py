@@ -122,7 +122,7 @@ class Launches:
                 continue
             for f in FAMILIES:
                 d = self.resume_dir(src, dst, f)
-                ckpt = self.run_dir(src, f) / "checkpoints" / "step=00000002.ckpt"
+                ckpt = self.run_dir(src, f) / "checkpoints" / "step-00000002.ckpt"
                 # copied into d/checkpoints by scripts/parity.py when the job starts (the source may be
                 # written earlier in the same launch)
                 jobs.append({"overrides": [*base, *FAMILIES[f], *STRATEGIES[dst][1]], "run_dir": str(d),
@@ -198,7 +198,7 @@ def test_loss_parity(runs, family, strategy):
 @pytest.mark.parametrize("src,dst", RESUMES, ids=[f"{a}-to-{b}" for a, b in RESUMES])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_resharded_resume(runs, family, src, dst):
-    ckpt = runs.run_dir(src, family) / "checkpoints" / "step=00000002.ckpt"
+    ckpt = runs.run_dir(src, family) / "checkpoints" / "step-00000002.ckpt"
     assert ckpt.exists(), runs.why(src)
     if src in ("fsdp", "tp", "fsdp_tp"):
         assert ckpt.is_dir() and (ckpt / "meta.pt").is_file()  # sharded: torch.distributed.checkpoint directory
@@ -219,8 +219,8 @@ def test_sharded_checkpoint_metadata_and_weights(runs):
     from glmtrain.checkpointing import read_meta
     from glmtrain.ckpt_formats import load_file, load_sharded_as_full
 
-    d = runs.run_dir("tp", "hyena") / "checkpoints" / "step=00000002.ckpt"
-    plain = runs.run_dir("ddp", "hyena") / "checkpoints" / "step=00000002.ckpt"
+    d = runs.run_dir("tp", "hyena") / "checkpoints" / "step-00000002.ckpt"
+    plain = runs.run_dir("ddp", "hyena") / "checkpoints" / "step-00000002.ckpt"
     assert d.is_dir(), runs.why("tp")
     meta = read_meta(d)
     assert meta["global_step"] == 2 and meta["consumed_samples"] == 8

@@ -79,7 +79,7 @@ def one_checkpoint(reference_1p):
 def test_failing_save_leaves_previous_checkpoint_intact(tmp_path, one_checkpoint, monkeypatch):
     ckpt = load_file(one_checkpoint)
     io = AtomicCheckpointIO()
-    good = tmp_path / "step=00000002.ckpt"
+    good = tmp_path / "step-00000002.ckpt"
     io.save_checkpoint(ckpt, good)
     before = good.read_bytes()
 
@@ -91,7 +91,7 @@ def test_failing_save_leaves_previous_checkpoint_intact(tmp_path, one_checkpoint
     with pytest.raises(OSError, match="No space left"):
         io.save_checkpoint(ckpt, good)  # overwriting the same name
     with pytest.raises(OSError):
-        io.save_checkpoint(ckpt, tmp_path / "step=00000004.ckpt")  # a newer one
+        io.save_checkpoint(ckpt, tmp_path / "step-00000004.ckpt")  # a newer one
     monkeypatch.undo()
     assert good.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [good.name]  # no partial file, no tmp left
@@ -101,14 +101,14 @@ def test_failing_save_leaves_previous_checkpoint_intact(tmp_path, one_checkpoint
 def test_crash_leftovers_are_ignored_and_cleaned(tmp_path, one_checkpoint):
     d = tmp_path / "checkpoints"
     d.mkdir()
-    good = d / "step=00000002.ckpt"
+    good = d / "step-00000002.ckpt"
     good.write_bytes(one_checkpoint.read_bytes())
-    (d / ".step=00000004.ckpt.tmp-4242").write_bytes(b"partial")  # a save killed before its rename
-    (d / "step=00000006.ckpt").write_bytes(b"\x80\x02garbage")  # damaged by hand / foreign
+    (d / ".step-00000004.ckpt.tmp-4242").write_bytes(b"partial")  # a save killed before its rename
+    (d / "step-00000006.ckpt").write_bytes(b"\x80\x02garbage")  # damaged by hand / foreign
     fp = read_meta(good)["fingerprint"]
     assert find_resume_checkpoint(d, fp) == good  # newest *readable* one
-    assert [p.name for p in remove_stale_temporaries(d)] == [".step=00000004.ckpt.tmp-4242"]
-    assert (d / "step=00000006.ckpt").exists()  # damaged files are reported, never deleted
+    assert [p.name for p in remove_stale_temporaries(d)] == [".step-00000004.ckpt.tmp-4242"]
+    assert (d / "step-00000006.ckpt").exists()  # damaged files are reported, never deleted
 
 
 def test_metadata_and_shapes_are_validated_on_load(tmp_path, one_checkpoint):
@@ -144,6 +144,29 @@ def test_retention_keeps_last_k_and_every_stage_final(tmp_path):
     assert [s for s, _ in list_checkpoints(d)] == [4, 10, 12]
 
 
+def test_checkpoint_names_parse_unquoted_and_old_names_are_still_read(tmp_path):
+    """`step-N.ckpt` goes through Hydra's override parser unquoted (`step=N.ckpt` did not); run directories
+    of earlier versions (`step=N.ckpt`, their `.keep` markers) are still listed, resumed, pruned and kept."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    new = step_path(tmp_path / "checkpoints", 12)
+    (ov,) = OverridesParser.create().parse_overrides([f"trainer.init_from={new}"])
+    assert ov.value() == str(new) and new.name == "step-00000012.ckpt"
+    d = tmp_path / "old"
+    d.mkdir()
+    for s in (2, 4, 6):
+        (d / f"step={s:08d}.ckpt").write_bytes(b"old")
+    (d / "step=00000002.ckpt.keep").touch()  # an earlier stage's final checkpoint, old name
+    step_path(d, 6).write_bytes(b"new")  # the same step saved again under the current name
+    for s in (8, 10):
+        step_path(d, s).write_bytes(b"new")
+    assert list_checkpoints(d) == [(2, d / "step=00000002.ckpt"), (4, d / "step=00000004.ckpt"), (6, step_path(d, 6)),
+                                   (8, step_path(d, 8)), (10, step_path(d, 10))]
+    prune(d, 2)
+    assert sorted(p.name for p in d.iterdir()) == ["step-00000008.ckpt", "step-00000010.ckpt", "step=00000002.ckpt",
+                                                  "step=00000002.ckpt.keep"]
+
+
 def test_completed_run_marks_its_final_checkpoint(reference_1p):
     assert keep_marker(step_path(reference_1p / "checkpoints", MAX_STEPS)).exists()
     assert not keep_marker(step_path(reference_1p / "checkpoints", MAX_STEPS - 2)).exists()
@@ -166,7 +189,7 @@ def test_sigterm_to_one_ddp_rank_stops_all_ranks_at_one_step_then_resumes_exactl
                          env=child_env(), start_new_session=True)
     try:
         t0 = time.time()
-        while not (run_dir / "checkpoints" / "step=00000002.ckpt").exists():
+        while not (run_dir / "checkpoints" / "step-00000002.ckpt").exists():
             assert p.poll() is None and time.time() - t0 < 180, "DDP run ended or stalled before step 2"
             time.sleep(0.01)
         children = open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()

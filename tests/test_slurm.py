@@ -108,7 +108,7 @@ def _preempt_and_requeue(slurm, tmp_path, ntasks, extra, reference, seed):
     run_dir = tmp_path / "run"
     job = _submit(slurm, tmp_path, ntasks, [*TINY, *extra, f"run_dir={run_dir}"])
     after = random.Random(seed).choice([2, 4])
-    slurm.wait_for(lambda: (run_dir / "checkpoints" / f"step={after:08d}.ckpt").exists() or slurm.state(job) not in ("PENDING", "RUNNING"),
+    slurm.wait_for(lambda: (run_dir / "checkpoints" / f"step-{after:08d}.ckpt").exists() or slurm.state(job) not in ("PENDING", "RUNNING"),
                    f"job {job} to write the checkpoint of step {after}")
     assert slurm.state(job) == "RUNNING", slurm.job(job)
     res = subprocess.run(["scancel", "--signal=USR1", "--batch", job], capture_output=True, text=True, timeout=30)
@@ -121,7 +121,7 @@ def _preempt_and_requeue(slurm, tmp_path, ntasks, extra, reference, seed):
     stopped_at = int(stop_line.split("at step ")[1].split()[0])
     assert "(the job requeues itself)" in stop_line and f"requeueing job {job}" in log
     assert f"job {job} restart 1 on" in log
-    assert f"resuming from {run_dir}/checkpoints/step={stopped_at:08d}.ckpt" in log
+    assert f"resuming from {run_dir}/checkpoints/step-{stopped_at:08d}.ckpt" in log
     assert stopped_at in steps_saved(run_dir) and after <= stopped_at < 12
     a, b = final_checkpoint(reference), final_checkpoint(run_dir)
     assert_same_training_state(a, b)
@@ -164,8 +164,8 @@ def test_dependency_chain_runs_stages_in_order_with_init_from(slurm, tmp_path):
     assert i1["JobState"] == "COMPLETED" and i1["JobName"] == "ctx-s1" and i2["JobName"] == "ctx-s2"
     assert i2["StartTime"] >= i1["EndTime"]
     s1, s2 = base / "stage1", base / "stage2"
-    assert steps_saved(s1)[-1] == 4 and (s1 / "checkpoints" / "step=00000004.ckpt.keep").exists()
-    assert f"initialised weights from {s1}/checkpoints/step=00000004.ckpt (step 4)" in _log(s2, j2)
+    assert steps_saved(s1)[-1] == 4 and (s1 / "checkpoints" / "step-00000004.ckpt.keep").exists()
+    assert f"initialised weights from {s1}/checkpoints/step-00000004.ckpt (step 4)" in _log(s2, j2)
     c1, c2 = final_checkpoint(s1), final_checkpoint(s2)
     assert c2["global_step"] == 4 and c2["glmtrain"]["consumed_samples"] == 16  # fresh schedule and data position
     assert c2["hyper_parameters"]["config"]["data"]["window"] == 256

@@ -7,7 +7,11 @@
 * Missing, unreadable, empty or malformed files raise :class:`DataInputError`
   with one line naming the file and what to do; so do duplicate record names
   and (:func:`check_iupac`) characters that are not IUPAC nucleotide codes.
-  CRLF line endings are accepted (pyfaidx strips the carriage returns).
+  CRLF line endings are accepted (pyfaidx strips the carriage returns); classic-Mac CR-only files
+  are refused with a line that says so.
+* An existing ``.fai`` is checked against the FASTA (:func:`fai_problem`: newer than the FASTA,
+  every record between its own header and the next): a FASTA replaced at the same path is
+  re-indexed, never cut at another file's record lengths.
 * bgzip files are decompressed like plain gzip (pyfaidx would need Biopython
   for BGZF random access, which glmtrain does not depend on).
 """
@@ -144,6 +148,73 @@ def _decompress_once(path: Path, cache: Path) -> Path:
     return out
 
 
+def fai_problem(fasta: Path, fai: Path) -> str | None:
+    """Why ``fai`` does not index ``fasta`` as it is now, or None.  pyfaidx trusts an existing index, so a
+    FASTA replaced at the same path would be cut at the old record lengths and offsets: the index must be
+    newer than the FASTA, and every record must start right after its own header line and end where the
+    next header (or the file) begins."""
+    try:
+        if fai.stat().st_mtime_ns < fasta.stat().st_mtime_ns:
+            return "the FASTA was modified after the index was written"
+        rows = [ln.split("\t") for ln in fai.read_text().splitlines() if ln.strip()]
+        size = fasta.stat().st_size
+        with open(fasta, "rb") as f:
+            fd = f.fileno()
+            for i, row in enumerate(rows):
+                name, length, offset, lenc, lenb = row[0], int(row[1]), int(row[2]), int(row[3]), int(row[4])
+                back = min(offset, 1 << 16)
+                before = os.pread(fd, back, offset - back)
+                header = before[:-1].rsplit(b"\n", 1)[-1].rstrip(b"\r") if before.endswith(b"\n") else b""
+                if not (header[:1] == b">" and header[1:].split()[:1] == [name.encode()]):
+                    return f"record {name!r} does not start at byte {offset} (no '>{name}' header line before it)"
+                end = offset + ((length // lenc) * lenb + length % lenc if lenc else 0)
+                after = os.pread(fd, 16, end)
+                nxt = after.lstrip(b"\r\n")
+                if end > size or (nxt and nxt[:1] != b">") or (not nxt and i + 1 < len(rows)):
+                    return f"record {name!r} does not end at byte {end} (length {length} in the index)"
+    except (OSError, ValueError, IndexError) as e:
+        return f"the index is unreadable ({e})"
+    return None
+
+
+def _usable_index(p: Path, cache: Path) -> str | None:
+    """The index pyfaidx should use for ``p`` (None: ``<p>.fai``, built by pyfaidx if missing).  A stale
+    index beside the FASTA is rebuilt (atomically) where the directory is writable, else one is built in the
+    cache directory; either way the reason is reported."""
+    side = Path(str(p) + ".fai")
+    cached = cache / f"{p.name}.{_cache_key(p)}.fai"
+    writable = os.access(p.parent, os.W_OK) and (not side.exists() or os.access(side, os.W_OK))
+    if side.exists():
+        problem = fai_problem(p, side)
+        if problem is None:
+            return None
+        target = side if writable else cached
+        print(f"glmtrain: warning: {side} does not fit {p} ({problem}); re-indexing into {target}",
+              file=sys.stderr, flush=True)
+        _build_index(p, target)
+        return None if writable else str(target)
+    if writable:
+        return None
+    if cached.exists() and fai_problem(p, cached) is None:
+        return str(cached)
+    _build_index(p, cached)
+    return str(cached)
+
+
+def _build_index(p: Path, target: Path) -> None:
+    """Build a fresh ``.fai`` for ``p`` under a temporary name and rename it onto ``target`` (a FASTA
+    pyfaidx cannot index: the stale index is removed and :func:`open_fasta` reports the problem)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        pyfaidx.Faidx(str(p), indexname=str(tmp), rebuild=True).close()
+        os.replace(tmp, target)
+    except (pyfaidx.FastaIndexingError, ValueError):
+        target.unlink(missing_ok=True)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def open_fasta(path: str, cache_dir: str = "", what: str = "data.sources") -> pyfaidx.Fasta:
     """Open a FASTA (plain, gzip or bgzip) for random access; ``what`` names the config key in errors."""
     p = resolve_path(path)
@@ -158,14 +229,14 @@ def open_fasta(path: str, cache_dir: str = "", what: str = "data.sources") -> py
     cache = default_cache_dir(cache_dir)
     if _is_gzip(p):
         p = _decompress_once(p, cache)
-    indexname = None
-    if not os.access(p.parent, os.W_OK) and not Path(str(p) + ".fai").exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        indexname = str(cache / f"{p.name}.{_cache_key(p)}.fai")
     with open(p, "rb") as f:
         head = f.read(1 << 16).lstrip()
     if not head.startswith(b">"):
         raise DataInputError(f"{what}: {path} does not look like FASTA (no '>' header at the start); check the file")
+    if b"\r" in head and b"\n" not in head:
+        raise DataInputError(f"{what}: {path} has classic-Mac line endings (CR only, no LF); convert them, e.g. "
+                             f"tr '\\r' '\\n' < {path} > fixed.fa (CRLF and LF are fine)")
+    indexname = _usable_index(p, cache)
     try:
         fa = pyfaidx.Fasta(str(p), indexname=indexname, as_raw=True, sequence_always_upper=False, rebuild=False)
     except pyfaidx.FastaIndexingError as e:

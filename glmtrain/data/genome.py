@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from glmtrain.config import DataConfig
-from glmtrain.data.fasta import DataInputError, default_cache_dir, fetch_bytes, resolve_path
+from glmtrain.data.fasta import DataInputError, default_cache_dir, fetch_bytes, file_sha256, resolve_path
 from glmtrain.data.plan import SPLITS, Plan, make_plan, policy, unit_windows
 from glmtrain.data.shards import COMP, ShardStore, build_shards, dir_lock, first_difference
 from glmtrain.data.stream import (EvalSamples, ResumableBatchSampler, TrainOrder, TrainSamples, TrimCollate,
@@ -100,9 +100,30 @@ def check_compatible(store: ShardStore, cfg: DataConfig) -> None:
         want = [src.species or f"source{i}" for i, src in enumerate(cfg.sources)]
         if have != want:
             diff = f"data.sources species were {have}, are {want} now"
+    if diff is None:
+        diff = _sources_difference(store.sources, cfg)
     if diff:
         raise DataInputError(f"data.shards={store.dir} was built with other settings ({diff}); rebuild the shards "
                              "with this config (python -m glmtrain.data build ...) or restore the settings")
+
+
+def _sources_difference(built: list[dict], cfg: DataConfig) -> str | None:
+    """The shards' sources (manifest: path, size, sha256, records) against ``data.sources``: training on one
+    genome while config.yaml names another is refused.  A configured FASTA that is not on this machine
+    passes only under the path the shards were built from (their sha256 is then the record)."""
+    for i, (b, src) in enumerate(zip(built, cfg.sources)):
+        key = f"data.sources[{i}]"
+        want_records = list(src.records) or "all"
+        if b.get("records") != want_records:
+            return f"{key}.records were {b.get('records')}, are {want_records} now"
+        p = resolve_path(src.path)
+        if not p.is_file():
+            if src.path != b.get("path"):
+                return f"{key}.path is {src.path} (not on this machine); the shards were built from {b.get('path')}"
+            continue
+        if p.stat().st_size != b.get("size") or file_sha256(p, cfg.cache_dir) != b.get("sha256"):
+            return f"{key}.path={src.path} is not the file the shards were built from ({b.get('path')}, sha256 {str(b.get('sha256'))[:12]}...)"
+    return None
 
 
 def open_store(cfg: DataConfig, verbose: bool = True):
@@ -111,7 +132,7 @@ def open_store(cfg: DataConfig, verbose: bool = True):
         check_compatible(store, cfg)
         return store
     # one process at a time plans (decompresses, writes .fai files) and builds; other ranks wait, then reuse
-    with dir_lock(default_cache_dir(cfg.cache_dir) / "locks" / cfg.name):
+    with dir_lock(default_cache_dir(cfg.cache_dir) / "locks" / cfg.name, verbose):
         plan = make_plan(cfg)
         if cfg.format == "memory":
             return MemoryStore(plan)

@@ -23,7 +23,6 @@ other sources or policies is refused, never mixed.
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
 import hashlib
 import io
 import json
@@ -42,6 +41,7 @@ from typing import Iterator
 import numpy as np
 
 from glmtrain.atomic import atomic_write
+from glmtrain.locks import FileLock
 from glmtrain import __version__
 from glmtrain.data.fasta import DataInputError, fetch_bytes
 from glmtrain.data.plan import FORMAT_VERSION, SPLITS, Plan, Unit, plan_from_state, plan_state, unit_windows
@@ -164,7 +164,25 @@ def write_unit(plan: Plan, unit: Unit, out: Path, fetch) -> dict:
 _W: dict = {}
 
 
-def _worker_init(state: dict, out: str) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Linux: the kernel kills this worker when the build process dies (SIGKILL, SIGTERM, crash), so no
+    orphan goes on writing shards (or holding resources) after its parent is gone."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux: workers notice a dead parent when their task queue breaks
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
+
+
+def _worker_init(state: dict, out: str, parent: int | None = None) -> None:
+    if parent is not None:
+        _die_with_parent(parent)
     _W.clear()
     _W.update(plan=plan_from_state(state), out=Path(out), fastas={})
     _W["units"] = {u.name: u for us in _W["plan"].units.values() for u in us}
@@ -193,15 +211,17 @@ def _worker_task(name: str) -> dict:
 
 
 @contextmanager
-def dir_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock beside ``path`` (held across processes and ranks)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+def dir_lock(path: Path, verbose: bool = True) -> Iterator[None]:
+    """An exclusive lock beside ``path``, held across processes and ranks (other processes wait, saying so
+    once).  A POSIX lock (:mod:`glmtrain.locks`): released when its holder dies, never held by forked workers."""
+    lock = FileLock(path.with_name(path.name + ".lock"))
+    say = (lambda m: print(f"glmtrain: {m}", file=sys.stderr, flush=True)) if verbose else None
+    lock.acquire(wait_s=float("inf"), say=say)
+    lock.record()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def first_difference(old, new, prefix: str = "") -> str | None:
@@ -269,7 +289,7 @@ def build_shards(plan: Plan, out: Path, workers: int = 0, verbose: bool = True) 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     say = (lambda m: print(f"glmtrain: {m}", file=sys.stderr, flush=True)) if verbose else (lambda m: None)
-    with dir_lock(out):
+    with dir_lock(out, verbose):
         _check_dir(out, plan)
         if not (out / "build.json").exists():
             _atomic_write(out / "build.json", _json_bytes({"digest": plan.digest, "fingerprint": plan.fingerprint,
@@ -306,7 +326,7 @@ def build_shards(plan: Plan, out: Path, workers: int = 0, verbose: bool = True) 
                 results = map(_worker_task, names)
             else:  # a pool whose worker dies (e.g. out of memory) fails loudly instead of hanging
                 ex = ProcessPoolExecutor(n, mp_context=mp.get_context("fork"), initializer=_worker_init,
-                                         initargs=(state, str(out)))
+                                         initargs=(state, str(out), os.getpid()))
                 results = (f.result() for f in as_completed([ex.submit(_worker_task, nm) for nm in names]))
             try:
                 for k, rec in enumerate(results, 1):
