@@ -3,19 +3,23 @@
 * Every file is written to a temporary name in the same directory, flushed to
   disk and renamed into place, so a crash or a full disk during a save never
   damages an existing checkpoint.
-* Files are ``checkpoints/step-NNNNNNNN.ckpt`` (a name Hydra's override parser takes
-  unquoted, e.g. ``trainer.init_from=runs/x/checkpoints/step-00000500.ckpt``); the newest
-  readable one is resumed from.  Run directories of older versions named them
-  ``step=NNNNNNNN.ckpt``: those are still found, resumed from, pruned and kept by markers.
-  Retention keeps the last ``keep_last`` plus every checkpoint with a ``<name>.keep``
-  marker: each stage's final checkpoint (written when a run reaches ``max_steps``) gets
-  one, and users may add their own.
+* Files are ``checkpoints/step-NNNNNNNN.ckpt`` numbered by the *global* optimizer
+  step (across the stages of a schedule; glmtrain.schedule), a name Hydra's override
+  parser takes unquoted (``trainer.init_from=runs/x/checkpoints/step-00000500.ckpt``);
+  the newest readable one is resumed from.  Run directories of older versions named
+  them ``step=NNNNNNNN.ckpt``: those are still found, resumed from, pruned and kept by
+  markers.  Retention keeps the last ``keep_last`` plus every checkpoint with a
+  ``<name>.keep`` marker: each stage's final checkpoint gets one (it is what the next
+  stage starts from), and users may add their own.
 * A checkpoint is validated when it is considered for a resume (metadata:
-  step, data position, config fingerprint, non-empty tensors) and against the
-  built model (every tensor's name and shape) before any state is loaded.
-* Before a run resumes, the checkpoint's config fingerprint (model + objective)
-  is compared with the current config; a mismatch is refused with one line that
-  names the first differing key.  Nothing in the run directory is modified.
+  step, stage, data position, compatibility record, non-empty tensors) and
+  against the built model (every tensor's name and shape) before any state is
+  loaded.
+* Before a run resumes, the checkpoint's compatibility record (model maths,
+  objective, the definition of every stage up to its own) is compared with the
+  current config (:func:`glmtrain.schedule.compat_problem`); a mismatch is
+  refused with one line that names the first differing key.  Nothing in the
+  run directory is modified.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 
 from glmtrain import ckpt_formats
 from glmtrain.ckpt_formats import AtomicCheckpointIO, CheckpointError, UnsafeCheckpointError  # noqa: F401 (re-exported)
+from glmtrain.config import first_difference
 
 CKPT_RE = re.compile(r"^step([-=])(\d+)\.ckpt$")  # '=': the name in run directories of earlier versions
 
@@ -54,6 +59,11 @@ def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found.items())
 
 
+def checkpoint_at(ckpt_dir: Path, step: int) -> Path | None:
+    """The checkpoint of global step ``step`` under either name (current or earlier versions'), or None."""
+    return dict(list_checkpoints(ckpt_dir)).get(step)
+
+
 def read_meta(path: Path) -> dict:
     """Load a checkpoint lazily (mmap; directories: metadata only) and return its glmtrain metadata; raise
     CheckpointError if unusable (UnsafeCheckpointError if loading it would need more than tensors and plain values)."""
@@ -66,7 +76,7 @@ def read_meta(path: Path) -> dict:
     if not isinstance(ckpt, dict) or "glmtrain" not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(f"checkpoint {path} was not written by glmtrain (no 'glmtrain' metadata)")
     meta = dict(ckpt["glmtrain"])
-    meta["global_step"] = ckpt.get("global_step", 0)
+    meta["global_step"] = ckpt.get("global_step", 0)  # within the checkpoint's stage
     problem = _metadata_problem(ckpt, meta)
     if problem:
         raise CheckpointError(f"checkpoint {path} has invalid metadata ({problem})")
@@ -80,8 +90,12 @@ def _metadata_problem(ckpt: dict, meta: dict) -> str | None:
         v = meta.get(key)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             return f"{key}={v!r}, expected an integer >= 0"
-    if not isinstance(meta.get("fingerprint"), dict):
-        return "no config fingerprint"
+    for key in ("stage", "offset"):
+        v = meta.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            return f"{key}={v!r}, expected an integer >= 0"
+    if not isinstance(meta.get("compat"), dict):
+        return "no compatibility record"
     sd = ckpt["state_dict"]
     if not isinstance(sd, dict) or not sd:
         return "empty state_dict"
@@ -139,12 +153,12 @@ def load_weights(spec: str | Path, module: torch.nn.Module, say=print) -> Path:
     path = resolve_checkpoint(spec)
     meta = read_meta(path)
     own_tok = getattr(getattr(getattr(module, "run", None), "model", None), "tokenizer", None)
-    ck_tok = (meta.get("fingerprint") or {}).get("model", {}).get("tokenizer")
+    ck_tok = (meta.get("compat") or {}).get("model", {}).get("tokenizer")
     if own_tok is not None and ck_tok is not None:
         import dataclasses
 
         diff = first_difference(ck_tok, dataclasses.asdict(own_tok) if dataclasses.is_dataclass(own_tok) else dict(own_tok),
-                                "model.tokenizer.")
+                                "model.tokenizer.", " in the checkpoint")
         if diff:
             raise CheckpointError(f"trainer.init_from={spec}: tokenizer differs ({diff})")
     problem = shape_mismatch(meta["shapes"], module)
@@ -155,8 +169,34 @@ def load_weights(spec: str | Path, module: torch.nn.Module, say=print) -> Path:
     except CheckpointError as e:
         raise CheckpointError(f"trainer.init_from={spec}: {e}") from None
     module.load_state_dict(sd, strict=True)
-    say(f"initialised weights from {path} (step {meta['global_step']}); optimizer, schedule and data start fresh")
+    say(f"initialised weights from {path} (step {checkpoint_step(meta)}); optimizer, schedule and data start fresh")
     return path
+
+
+def checkpoint_step(meta: dict) -> int:
+    """The global optimizer step of a checkpoint (its stage's offset + the step within the stage)."""
+    return int(meta.get("offset", 0)) + int(meta["global_step"])
+
+
+def load_optimizer_state(path: Path) -> dict:
+    """The (single) optimizer's full state in a checkpoint, for ``carry=weights+optimizer``."""
+    ckpt = ckpt_formats.load_full(Path(path))
+    states = ckpt.get("optimizer_states") or []
+    if len(states) != 1:
+        raise CheckpointError(f"checkpoint {path} holds {len(states)} optimizer states, expected 1")
+    return states[0]
+
+
+def weights_sha256(state_dict: dict) -> str:
+    """sha256 over (name, dtype, shape, bytes) of every tensor, in name order: a checksum of weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        t = state_dict[k].detach().to("cpu").contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 class StepSeed(L.Callback):
@@ -202,20 +242,9 @@ def remove_stale_temporaries(ckpt_dir: Path) -> list[Path]:
     return gone
 
 
-def first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
-    if isinstance(old, dict) and isinstance(new, dict):
-        for k in sorted(set(old) | set(new)):
-            d = first_difference(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{prefix}{k}.")
-            if d:
-                return d
-        return None
-    if old != new:
-        return f"{prefix.rstrip('.')} was {old!r} in the checkpoint, is {new!r} now"
-    return None
-
-
-def find_resume_checkpoint(ckpt_dir: Path, fingerprint: dict) -> Path | None:
-    """Newest readable, compatible checkpoint; unreadable newer ones are reported and skipped over (not deleted)."""
+def find_resume_checkpoint(ckpt_dir: Path, problem) -> tuple[Path, dict] | None:
+    """Newest readable, compatible checkpoint and its metadata; unreadable newer ones are reported and skipped
+    over (not deleted).  ``problem(meta)`` says why a readable checkpoint does not fit this config (or None)."""
     candidates = list_checkpoints(ckpt_dir)
     for step, path in reversed(candidates):
         try:
@@ -225,31 +254,39 @@ def find_resume_checkpoint(ckpt_dir: Path, fingerprint: dict) -> Path | None:
         except CheckpointError as e:
             print(f"glmtrain: warning: {e}; falling back to an older checkpoint (the file is left in place)", file=sys.stderr)
             continue
-        diff = first_difference(meta.get("fingerprint"), fingerprint)
+        diff = problem(meta)
         if diff:
             raise CheckpointError(
                 f"run directory {ckpt_dir.parent} holds a checkpoint from an incompatible config ({diff}); "
                 "choose a new run_dir=... or restore the original settings"
             )
-        return path
+        return path, meta
     if candidates:
         raise CheckpointError(f"no readable checkpoint in {ckpt_dir}; move the damaged files away to start afresh")
     return None
 
 
 class StepCheckpoint(L.Callback):
-    """Save every ``every`` optimizer steps and at the end of training; keep the last ``keep_last``."""
+    """Save every ``every`` optimizer steps and at the end of training; keep the last ``keep_last``.
 
-    def __init__(self, ckpt_dir: Path, every: int, keep_last: int, stop_at_step: int = 0):
+    Steps are global: ``offset`` (the optimizer steps of earlier stages) plus the trainer's step
+    within the stage; ``stop_at_step`` is global too."""
+
+    def __init__(self, ckpt_dir: Path, every: int, keep_last: int, stop_at_step: int = 0, offset: int = 0):
         self.dir, self.every, self.keep_last = Path(ckpt_dir), every, keep_last
-        self.stop_at_step = stop_at_step
+        self.stop_at_step, self.offset = stop_at_step, offset
         self._last_saved = -1
+        self.last_path: Path | None = None
+
+    def step(self, trainer: L.Trainer) -> int:
+        return self.offset + trainer.global_step
 
     def _save(self, trainer: L.Trainer) -> None:
         step = trainer.global_step
         if step == self._last_saved or step == 0:
             return
-        trainer.save_checkpoint(step_path(self.dir, step))  # collective: every rank calls it
+        self.last_path = step_path(self.dir, self.offset + step)
+        trainer.save_checkpoint(self.last_path)  # collective: every rank calls it
         self._last_saved = step
         if trainer.is_global_zero and self.keep_last > 0:
             prune(self.dir, self.keep_last)
@@ -262,16 +299,16 @@ class StepCheckpoint(L.Callback):
     def mark_stage_final(self, trainer: L.Trainer) -> None:
         """Protect the checkpoint of the current step from retention (a stage's final checkpoint)."""
         self._save(trainer)
-        path = step_path(self.dir, trainer.global_step)
+        path = step_path(self.dir, self.step(trainer))
         if trainer.is_global_zero and path.exists():
             keep_marker(path).touch()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # mid-accumulation: not a step boundary
-        if trainer.global_step % self.every == 0:
+        if self.step(trainer) % self.every == 0:
             self._save(trainer)
-        if self.stop_at_step and trainer.global_step >= self.stop_at_step:
+        if self.stop_at_step and self.step(trainer) >= self.stop_at_step:
             self._save(trainer)
             trainer.should_stop = True
 

@@ -20,14 +20,12 @@ from __future__ import annotations
 import errno
 import os
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, open_dict
 
-from glmtrain import earlysignals
+from glmtrain import CONF_DIR, earlysignals
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 EX_TEMPFAIL = 75
 
 
@@ -126,10 +124,12 @@ def run_config(cfg: DictConfig) -> None:
     from glmtrain.checkpointing import CheckpointError
     from glmtrain.config import ConfigError, check_machine, validate
     from glmtrain.data.fasta import DataInputError
+    from glmtrain.schedule import check
 
     try:
         run = validate(cfg, given=given_keys(_command_line_overrides()))
         check_machine(run)
+        check(run)  # every stage against data, model, strategy and world size
     except ConfigError as e:
         _fail(f"config: {e}")
     from glmtrain.cluster import FLAG

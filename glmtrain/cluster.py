@@ -209,9 +209,11 @@ def agree_max(trainer: "L.Trainer", value: int) -> int:
 class Preemption(L.Callback):
     """Turn a recorded signal into: all-rank agreement -> checkpoint -> stop (-> requeue, by :meth:`finish`)."""
 
-    def __init__(self, actions: dict[str, str], save: Callable[["L.Trainer"], None], flag: SignalFlag = FLAG):
+    def __init__(self, actions: dict[str, str], save: Callable[["L.Trainer"], None], flag: SignalFlag = FLAG,
+                 step_offset: int = 0):
         validate_signal_actions(actions)
         self.actions, self.save, self.flag = dict(actions), save, flag
+        self.step_offset = step_offset  # steps of earlier stages: messages name global steps
         self.action: str | None = None  # what was agreed: stop | requeue
         self.signal_name: str | None = None
         self.step: int | None = None
@@ -234,7 +236,8 @@ class Preemption(L.Callback):
         code = agree_max(trainer, _SEVERITY[local])
         if code == 0 or 0 < trainer.max_steps <= trainer.global_step:
             return  # nothing to do, or this was the last step anyway (its checkpoint follows at train end)
-        self.action, self.signal_name, self.step = _BY_CODE[code], name or "a signal to another rank", trainer.global_step
+        self.action, self.signal_name = _BY_CODE[code], name or "a signal to another rank"
+        self.step = self.step_offset + trainer.global_step
         if trainer.is_global_zero:
             who = f"{name} received" if name else "another rank received a signal"
             print(f"glmtrain: {who}: saving a checkpoint at step {self.step} and stopping"
@@ -271,21 +274,27 @@ class TimeLimit(L.Callback):
     training *in this invocation* (all ranks agree; the checkpoint of that step is written at train end).
 
     Lightning's own ``max_time`` keeps its elapsed time in checkpoints, so a rerun would start with the
-    budget already spent and add 0-1 steps per invocation; this budget is fresh every time."""
+    budget already spent and add 0-1 steps per invocation; this budget is fresh every time.  One instance
+    serves every stage of a schedule (the clock starts with the first stage's training): the budget is the
+    invocation's, across stages.  A budget spent exactly at a stage's last step lets that stage complete;
+    :attr:`spent` (agreed by all ranks at that step) then stops the run before the next stage."""
 
     def __init__(self, max_time_s: float, clock: Callable[[], float] = time.monotonic):
         self.max_time_s, self.clock = max_time_s, clock
         self.t0: float | None = None
-        self.stopped_at: int | None = None  # the step at which the time cap stopped training
+        self.stopped_at: int | None = None  # the step (of its trainer) at which the time cap stopped training
+        self.spent = False  # the budget was found spent at the last step boundary (all ranks agree)
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.t0 = self.clock()
+        if self.t0 is None:
+            self.t0 = self.clock()
+        self.stopped_at = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches or self.stopped_at is not None or self.t0 is None:
             return
-        over = int(self.clock() - self.t0 >= self.max_time_s)
-        if agree_max(trainer, over) and not (0 < trainer.max_steps <= trainer.global_step):
+        self.spent = bool(agree_max(trainer, int(self.clock() - self.t0 >= self.max_time_s)))
+        if self.spent and not (0 < trainer.max_steps <= trainer.global_step):
             self.stopped_at = trainer.global_step
             trainer.should_stop = True
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -57,6 +57,9 @@ class DataConfig:
     # encodings are cut, shorter ones padded (attention_mask 0, no loss). 0 = what a clean window of
     # `window` bases becomes (BPE: each batch is padded to its longest sample, rounded up to 8).
     window_tokens: int = 0
+    # bases per stored window (shards / memory windows); 0 = window.  Training windows are consecutive
+    # pieces of stored windows, so one set of shards serves every window that divides it (context stages).
+    store_window: int = 0
     stride: int = 0  # 0 = window (no overlap); held-out windows never overlap
     min_length: int = 0  # 0 = window; shorter tails are padded (and excluded from the loss)
     max_n_fraction: float = 0.1  # drop windows with more N (non-ACGT) than this
@@ -171,6 +174,46 @@ class TrainerConfig:
     init_from: str = ""
 
 
+# -------------------------------------------------------------------------- context
+@dataclass
+class StageConfig:
+    """One stage of a context-extension schedule (``conf/context/*.yaml``).
+
+    ``None`` (YAML ``null``) means "as in the rest of the config": the peak learning rate is
+    ``optim.lr``, the global batch ``trainer.global_batch_tokens``, the RoPE knobs the model's.
+    """
+
+    window: int = 0  # bases per training window of this stage; must divide the stored window (data.store_window or data.window)
+    steps: int = 0  # stage length in optimizer steps ...
+    tokens: int = 0  # ... or in tokens (a multiple of the stage's tokens per step); give exactly one
+    global_batch_tokens: Optional[int] = None  # tokens per optimizer step (default: trainer.global_batch_tokens)
+    micro_batch_size: Optional[int] = None  # largest per-device micro-batch (speed only; default trainer.micro_batch_size)
+    # learning-rate schedule of this stage: warmup to lr, then schedule down to final_lr at its last step
+    lr: Optional[float] = None  # peak (default optim.lr)
+    final_lr: Optional[float] = None  # default lr * optim.min_lr_ratio
+    warmup_steps: Optional[int] = None  # default optim.warmup_steps (or warmup_fraction)
+    warmup_fraction: Optional[float] = None  # warmup as a fraction of the stage's steps (Evo 2: 0.05)
+    schedule: Optional[str] = None  # cosine | linear | constant (default optim.schedule)
+    # what the stage takes from the previous stage's final checkpoint (the first stage: trainer.init_from)
+    carry: str = "weights"  # weights | weights+optimizer
+    rope_base: Optional[float] = None  # attention layers' RoPE base (default: the model's)
+    rope_interpolation: Optional[float] = None  # RoPE linear position interpolation factor (default: the model's)
+    # memory / speed knobs of this stage (they may change between restarts)
+    activation_checkpointing: Optional[bool] = None  # default: the model's
+    checkpoint_layers: Optional[int] = None  # default: the model's (0 = every layer)
+    context_parallel: Optional[int] = None  # GPUs sharing one sequence (strategy.cp_size of this stage; fsdp)
+    name: str = ""  # "" = "<k>-<window>"
+
+
+@dataclass
+class ContextConfig:
+    """A context-extension schedule: a list of stages.  No stages = a plain run, i.e. one stage made
+    of ``data.window``, ``trainer.max_steps`` and ``optim.*``."""
+
+    name: str = "none"
+    stages: list[StageConfig] = field(default_factory=list)
+
+
 @dataclass
 class LoggerConfig:
     kind: str = "csv"  # csv | wandb | none
@@ -198,6 +241,9 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    context: ContextConfig = field(default_factory=ContextConfig)
+    plan: bool = False  # print the per-stage memory plan and exit (nothing is trained or written)
+    plan_card_gib: float = 80.0  # memory per GPU the plan checks against (GiB)
     seed: int = 1234
     name: str = "default"
     run_dir: str = "runs/default"
@@ -215,7 +261,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "strategy.param_dtype": ("auto", "fp32", "bf16", "fp16"),
     "strategy.reduce_dtype": ("fp32", "bf16"),
     "strategy.checkpoint": ("sharded", "full"),
-    "optim.schedule": ("cosine", "constant"),
+    "optim.schedule": ("cosine", "linear", "constant"),
     "trainer.precision": ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"),
     "trainer.accelerator": ("auto", "cpu", "gpu", "cuda"),
     "trainer.progress": ("tqdm", "rich", "none"),
@@ -354,21 +400,24 @@ def _check_combinations(run: RunConfig) -> None:
         raise ConfigError("objective.mask_token_prob + objective.random_token_prob must not exceed 1")
     t = run.trainer
     _check_ranges(run)
+    if t.max_steps < (0 if run.context.stages else 1):  # a schedule's stages define its length (glmtrain.schedule)
+        raise ConfigError(f"trainer.max_steps={t.max_steps}: must be >= 1")
     _check_signals(t.signals)
     _check_data(run.data)
-    if t.stop_at_step and t.stop_at_step >= t.max_steps:
+    if t.stop_at_step and not run.context.stages and t.stop_at_step >= t.max_steps:
         raise ConfigError(f"trainer.stop_at_step={t.stop_at_step} never takes effect: the run ends at trainer.max_steps="
                           f"{t.max_steps}; use a smaller stop_at_step or 0")
+    if run.plan_card_gib <= 0:
+        raise ConfigError(f"plan_card_gib={run.plan_card_gib}: must be > 0")
     _check_model_builds(run)
-    from glmtrain.parallel import check_strategy
-
-    check_strategy(run)  # strategy x family x world size; DDP on one device is legal (SLURM single-task jobs)
+    # The schedule (stages against data, model and strategy, and stop_at_step against its length) is checked
+    # by glmtrain.schedule.resolve, which needs the world size: see glmtrain.schedule.check.
 
 
 # Ranges.  Every int and float anywhere in the config must be >= 0 (none of them means anything when
 # negative); these must be > 0 (a zero would divide by zero, build an empty model or never run).
 POSITIVE = {
-    "trainer": ("max_steps", "micro_batch_size", "accumulate", "devices", "num_nodes", "log_every", "ckpt_every",
+    "trainer": ("micro_batch_size", "accumulate", "devices", "num_nodes", "log_every", "ckpt_every",
                 "val_batches"),
     "optim": ("lr", "eps"),
     "strategy": ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size", "stage3_max_live_parameters"),
@@ -538,8 +587,12 @@ def _check_data(d: DataConfig) -> None:
         raise ConfigError(f"data.window_tokens={d.window_tokens}: must be 0 (derived from data.window) or >= 2")
     if d.stride < 0 or d.min_length < 0:
         raise ConfigError("data.stride and data.min_length must be >= 0")
-    if d.min_length > d.window:
-        raise ConfigError(f"data.min_length={d.min_length}: must not exceed data.window={d.window}")
+    stored = d.store_window or d.window
+    if d.store_window < 0 or stored % d.window:
+        raise ConfigError(f"data.store_window={d.store_window}: must be 0 (= data.window) or a multiple of "
+                          f"data.window={d.window}")
+    if d.min_length > stored:
+        raise ConfigError(f"data.min_length={d.min_length}: must not exceed the stored window ({stored})")
     if not 0.0 <= d.max_n_fraction <= 1.0:
         raise ConfigError(f"data.max_n_fraction={d.max_n_fraction}: must lie in [0, 1]")
     if not 0.0 <= d.rc_prob <= 1.0:
@@ -595,11 +648,38 @@ def _check_signals(signals: dict[str, str]) -> None:
             raise ConfigError(f"trainer.signals.{name}={action!r}: allowed values are requeue, stop, ignore")
 
 
-def compat_fingerprint(run: RunConfig) -> dict[str, Any]:
-    """The part of a config a checkpoint is bound to: resuming with any of it changed is refused."""
-    model = OmegaConf.to_container(OmegaConf.structured(run.model))
-    model.pop("activation_checkpointing", None)  # a memory knob, not a change of mathematics
-    return {"model": model, "objective": dataclasses.asdict(run.objective)}
+def first_difference(old: Any, new: Any, prefix: str = "", where: str = "") -> str | None:
+    """The first key whose value differs between two nested dict/list records, as one phrase
+    (``data.window was 1024<where>, is 2048 now``), or None; keys in ``new``'s order, then ``old``'s extras."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in list(new) + [k for k in old if k not in new]:
+            d = first_difference(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{prefix}{k}.", where)
+            if d:
+                return d
+        return None
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new)):
+            d = first_difference(a, b, f"{prefix.rstrip('.')}[{i}].", where)
+            if d:
+                return d
+        return None
+    if old != new:
+        return f"{prefix.rstrip('.')} was {old!r}{where}, is {new!r} now"
+    return None
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The Hydra config of ``conf/`` with ``overrides``, as ``python -m glmtrain`` composes it (not validated;
+    ``${hydra:...}`` interpolations such as the default run name resolve)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from glmtrain import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
 
 
 def to_yaml(run: RunConfig) -> str:

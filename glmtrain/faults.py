@@ -60,10 +60,12 @@ def _grads_finite(module: torch.nn.Module) -> torch.Tensor:
 
 
 class NonFiniteGuard(L.Callback):
-    def __init__(self, policy: str = "skip", max_consecutive: int = 10, check_grads: bool = True, save=None):
+    def __init__(self, policy: str = "skip", max_consecutive: int = 10, check_grads: bool = True, save=None,
+                 step_offset: int = 0):
         if policy not in POLICIES:
             raise ValueError(f"trainer.nonfinite={policy!r}: allowed values are {', '.join(POLICIES)}")
         self.policy, self.max_consecutive, self.check_grads, self.save = policy, max_consecutive, check_grads, save
+        self.step_offset = step_offset  # steps of earlier stages: messages name global steps
         self.skipped = 0  # total skipped optimizer steps (kept in checkpoints)
         self.consecutive = 0
         self.fault: str | None = None  # set when the run was stopped: the one-line reason
@@ -83,7 +85,7 @@ class NonFiniteGuard(L.Callback):
         if code == 0:
             self.consecutive = 0
             return
-        step = trainer.global_step + 1  # the optimizer step being attempted (1-based, as in checkpoint names)
+        step = self.step_offset + trainer.global_step + 1  # the step being attempted (1-based, as in checkpoint names)
         what = " and ".join(w for w, bit in (("loss", 1), ("gradient", 2)) if code & bit)
         if "DeepSpeed" in type(trainer.strategy).__name__:
             # the engine owns the step (and partitions the gradients): nothing can be dropped here, so stop before

@@ -10,7 +10,9 @@ samples, RNG states).
 from __future__ import annotations
 
 import math
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -18,7 +20,8 @@ import torch
 from omegaconf import OmegaConf
 
 from glmtrain import __version__
-from glmtrain.config import RunConfig, compat_fingerprint
+from glmtrain.config import RunConfig
+from glmtrain.data.stream import StreamCursor
 from glmtrain.models import build_model
 from glmtrain.objectives import bits_per_base, build_objective
 from glmtrain.tokenizers import build_tokenizer
@@ -31,6 +34,8 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float, schedule: st
     if schedule == "constant":
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - (1 - min_ratio) * progress
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -69,13 +74,18 @@ def _deferred(run: RunConfig) -> bool:
 
 
 class GLMModule(L.LightningModule):
-    def __init__(self, run: RunConfig | dict):
+    """``run`` is the config of one stage (glmtrain.schedule.Stage.run); ``meta`` is what the run's
+    checkpoints record about that stage (index, global step offset, compatibility record)."""
+
+    def __init__(self, run: RunConfig | dict, meta: dict | None = None, cursor: StreamCursor | None = None,
+                 carried_optimizer_state: dict | None = None):
         super().__init__()
         if isinstance(run, dict):  # from a checkpoint's hyper_parameters
             from glmtrain.config import validate
 
             run = validate(run)
         self.run = run
+        self.meta = dict(meta or {})
         self.save_hyperparameters({"config": OmegaConf.to_container(OmegaConf.structured(run))})
         # vocabulary (tokenizer.n_tokens) and embedding rows (tokenizer.vocab_size, padded) are distinct numbers
         self.tokenizer = build_tokenizer(run.model.tokenizer, run_dir=run.run_dir)
@@ -91,13 +101,29 @@ class GLMModule(L.LightningModule):
         self.flops = count(self.model, seq_tokens(run), run.trainer.micro_batch_size)
         self._peak_flops: float | None = None
         self._loss_scale: float | None = None
-        self.consumed_samples = 0  # global samples consumed; the data stream's resume position
+        self.cursor = cursor if cursor is not None else StreamCursor()  # the data stream's resume position
+        # carry=weights+optimizer: the previous stage's optimizer state, loaded into this stage's optimizer
+        self.carried_optimizer_state = carried_optimizer_state
         self._t_last: float | None = None
         self._tokens_since = 0
         # run-average throughput (all ranks' tokens; first step excluded as warm-up)
         self.train_tokens_timed = 0
         self.train_seconds_timed = 0.0
         self._val: dict[str, torch.Tensor] = {}
+
+    @property
+    def consumed_samples(self) -> int:
+        """Global training samples consumed in this stage (all data-parallel ranks)."""
+        return self.cursor.consumed
+
+    @consumed_samples.setter
+    def consumed_samples(self, value: int) -> None:
+        self.cursor.consumed = int(value)
+
+    @property
+    def step_offset(self) -> int:
+        """Optimizer steps of the schedule's earlier stages: global step = offset + this stage's step."""
+        return int(self.meta.get("offset", 0))
 
     # ------------------------------------------------------------------ helpers
     def _generator(self, salt: int) -> torch.Generator:
@@ -148,6 +174,9 @@ class GLMModule(L.LightningModule):
             # zero.Init); ours exist already, so put them, buffers included, on the device first.
             self.model.to(self._trainer.strategy.root_device)
         apply_parallelism(self)
+        # the data module's loaders read these: data ranks (the ranks of a context-parallel group share samples)
+        (dp_rank, dp, _), cp = self._dp(), self._cp()[1]
+        self.cursor.rank, self.cursor.world = dp_rank // cp, dp // cp
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids, **self._mask_kw(attention_mask))
@@ -174,6 +203,13 @@ class GLMModule(L.LightningModule):
         return self.objective.loss(logits, prepared)
 
     # ----------------------------------------------------------------- training
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # debugging / tests: GLMTRAIN_DATA_TRACE=<dir> records the keys of every batch a rank trains on
+        trace = os.environ.get("GLMTRAIN_DATA_TRACE")
+        if trace and isinstance(batch, dict) and "key" in batch:
+            with open(Path(trace) / f"train.rank{self.global_rank}.tsv", "a") as f:
+                f.writelines(f"{int(i)}\t{k}\n" for i, k in zip(batch["index"], batch["key"]))
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """Loss normalised over the *global* batch: sum(w * CE) / sum(w) over every sample of every
         data-parallel rank and every accumulated micro-batch of the optimizer step, so that any split of
@@ -275,7 +311,7 @@ class GLMModule(L.LightningModule):
         sched = self.lr_schedulers()
         if sched is not None:
             self.log("lr", sched.get_last_lr()[0], on_step=True, batch_size=1)
-        self.log("global_step", float(self.global_step), on_step=True, batch_size=1)
+        self.log("global_step", float(self.step_offset + self.global_step), on_step=True, batch_size=1)
 
     # --------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
@@ -318,17 +354,33 @@ class GLMModule(L.LightningModule):
             # different meshes under 2-D parallelism)
             kw = {"foreach": False} if sharded else {"fused": (self.device.type == "cuda") or None}
             opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, **kw)
+        carried = self.carried_optimizer_state
+        if carried is not None:  # carry=weights+optimizer: the previous stage's moments, this stage's hyper-parameters
+            from glmtrain.parallel.strategies import optim_state_by_index
+
+            self._load_carried_state(opt, optim_state_by_index(carried, opt, self))
+            self.carried_optimizer_state = None
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_lambda(s, o.warmup_steps, t.max_steps, o.min_lr_ratio, o.schedule)
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    @staticmethod
+    def _load_carried_state(opt: torch.optim.Optimizer, saved: dict) -> None:
+        """Adam moments and step counts of the previous stage; lr, betas, decay and the schedule stay this stage's."""
+        groups = saved.get("param_groups", [])
+        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in opt.param_groups]:
+            raise RuntimeError("carry=weights+optimizer: the previous stage's optimizer has other parameter groups")
+        current = opt.state_dict()["param_groups"]
+        opt.load_state_dict({"state": saved.get("state", {}),
+                             "param_groups": [{**cur, "params": g["params"]} for cur, g in zip(current, groups)]})
 
     # ------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["glmtrain"] = {
             "version": __version__,
             "consumed_samples": self.consumed_samples,
-            "fingerprint": compat_fingerprint(self.run),
+            **self.meta,  # stage index and name, global step offset, compatibility record
             "world_size": self._dp()[1] // self._cp()[1],  # data ranks (the data stream's divisor)
             "world_size_total": self.trainer.world_size if self._trainer is not None else 1,
             "micro_batch_size": self.run.trainer.micro_batch_size,

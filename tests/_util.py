@@ -9,8 +9,9 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from glmtrain.cli import CONF_DIR
+from glmtrain import CONF_DIR
 from glmtrain.config import RunConfig, validate
+from glmtrain.schedule import check
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -24,7 +25,10 @@ def compose_cfg(overrides: list[str]):
 
 
 def compose_run(overrides: list[str]) -> RunConfig:
-    return validate(compose_cfg(overrides))
+    """What ``python -m glmtrain`` checks before anything runs: the schema, then the schedule and strategy."""
+    run = validate(compose_cfg(overrides))
+    check(run)
+    return run
 
 
 def run_cli(args: list[str], timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:

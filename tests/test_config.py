@@ -90,8 +90,10 @@ def test_help_lists_groups():
 def test_settings_that_cannot_take_effect_together_are_refused(overrides, says):
     from glmtrain.cli import given_keys
 
-    with pytest.raises(ConfigError) as e:
-        validate(compose_cfg(overrides), given=given_keys(overrides))  # as typed on the command line
+    from glmtrain.schedule import check
+
+    with pytest.raises(ConfigError) as e:  # as typed on the command line; the strategy per stage: schedule.check
+        check(validate(compose_cfg(overrides), given=given_keys(overrides)))
     assert says in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 

@@ -58,3 +58,22 @@ def test_dnabert2_trains_its_bpe_vocabulary_once_and_reuses_it_on_resume(tmp_pat
     assert ids.shape[1] % 8 == 0 and ids.shape[1] < run.data.window and not mask.all()
     assert ((ids == 3) == ~mask).all() and (batch["loss_weight"][~mask] == 0).all()
     assert (ids[:, 0] == 1).all() and (ids.gather(1, mask.sum(1, keepdim=True) - 1) == 2).all()  # [CLS] ... [SEP]
+
+
+def test_encoder_runs_a_context_schedule_in_token_windows(tmp_path):
+    """NT-v2 (6-mer tokens, MLM) through a two-stage schedule: each stage's samples are what its window
+    becomes in tokens (96 bases -> 17 with <cls>, 192 -> 33), the held-out figure and its unigram baseline
+    come from the last stage, and a fixed data.window_tokens is refused under a schedule."""
+    from glmtrain.config import ConfigError
+
+    stages = ("context.name=enc2", "context.stages=[{window:96,steps:2,global_batch_tokens:68},"
+              "{window:192,steps:2,global_batch_tokens:66}]")
+    args = [*FAST, "model=nt_v2", "objective=mlm", "data.window=192", "trainer.max_steps=0", "optim.warmup_steps=1", *stages]
+    result = train(compose_run([*args, f"run_dir={tmp_path}"]))
+    assert result["steps"] == 4 and [s["tokens_per_step"] for s in result["stages"]] == [68, 66]
+    manifest = json.loads((tmp_path / "run.json").read_text())
+    assert [s["samples_per_step"] for s in manifest["stages"]] == [4, 2]
+    assert all(s["status"] == "complete" and s["val_bits_per_base"] > 0 for s in manifest["stages"])
+    assert set(result["baselines_bits_per_base"]) == {"unigram"} and result["val_bases"] > 5 * result["val_tokens"]
+    with pytest.raises(ConfigError, match=r"data\.window_tokens=33 fixes every stage's sample length"):
+        compose_run([*args, "data.window_tokens=33", f"run_dir={tmp_path / 'b'}"])

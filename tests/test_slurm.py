@@ -148,14 +148,19 @@ def test_two_task_srun_ddp_job_preempted_and_requeued_bit_exact(slurm, tmp_path,
 
 
 @pytest.mark.slow
-def test_dependency_chain_runs_stages_in_order_with_init_from(slurm, tmp_path):
-    base = tmp_path / "chain"
-    common = " ".join(t for t in TINY if not t.startswith("trainer.max_steps"))
+def test_schedule_chain_runs_one_job_per_stage_in_order(slurm, tmp_path):
+    """slurm/chain.sh: a two-stage context schedule as two afterok-chained jobs of one run directory; the first
+    stops at its stage's end, the second resumes with the next stage from the first stage's final weights."""
+    import json
+
+    run_dir = tmp_path / "run"
+    common = [t for t in TINY if not t.startswith("trainer.max_steps")]
+    overrides = [*common, "context=tiny_64_to_1k", "trainer.max_steps=0",
+                 "context.stages=[{window:64,steps:2},{window:128,steps:2}]", f"run_dir={run_dir}"]
     res = subprocess.run(
-        ["bash", str(ROOT / "slurm" / "chain.sh"), "-d", str(base), "-n", "ctx",
-         "-b", f"--output={tmp_path}/slurm-%j.out --ntasks-per-node=1 {' '.join(CPU)}", "-c", common, "--",
-         "trainer.max_steps=4 data.window=128", "trainer.max_steps=4 data.window=256"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, env=_env())
+        ["bash", str(ROOT / "slurm" / "chain.sh"), "-n", "ctx",
+         "-b", f"--output={tmp_path}/slurm-%j.out --ntasks-per-node=1 {' '.join(CPU)}", "--", *overrides],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env=_env())
     assert res.returncode == 0, res.stderr
     j1, j2 = res.stdout.split()
     assert slurm.job(j2)["Dependency"] in (f"afterok:{j1}(unfulfilled)", f"afterok:{j1}")
@@ -163,10 +168,13 @@ def test_dependency_chain_runs_stages_in_order_with_init_from(slurm, tmp_path):
     i1, i2 = slurm.job(j1), slurm.job(j2)
     assert i1["JobState"] == "COMPLETED" and i1["JobName"] == "ctx-s1" and i2["JobName"] == "ctx-s2"
     assert i2["StartTime"] >= i1["EndTime"]
-    s1, s2 = base / "stage1", base / "stage2"
-    assert steps_saved(s1)[-1] == 4 and (s1 / "checkpoints" / "step-00000004.ckpt.keep").exists()
-    assert f"initialised weights from {s1}/checkpoints/step-00000004.ckpt (step 4)" in _log(s2, j2)
-    c1, c2 = final_checkpoint(s1), final_checkpoint(s2)
-    assert c2["global_step"] == 4 and c2["glmtrain"]["consumed_samples"] == 16  # fresh schedule and data position
-    assert c2["hyper_parameters"]["config"]["data"]["window"] == 256
-    assert any(not (c1["state_dict"][k] == c2["state_dict"][k]).all() for k in c1["state_dict"])
+    assert "stopped before stage 2 (2-128) (trainer.stop_at_step=2)" in _log(run_dir, j1)
+    log2 = _log(run_dir, j2)
+    assert "resuming in stage 2 (2-128)" in log2 and f"initialised weights from {run_dir}/checkpoints/step-00000002.ckpt" in log2
+    assert steps_saved(run_dir)[-1] == 4 and (run_dir / "checkpoints" / "step-00000002.ckpt.keep").exists()
+    stages = json.loads((run_dir / "run.json").read_text())["stages"]
+    assert [s["status"] for s in stages] == ["complete", "complete"]
+    assert stages[1]["init_sha256"] == stages[0]["final_sha256"]  # stage 2 started from stage 1's final weights
+    c2 = final_checkpoint(run_dir)
+    assert c2["glmtrain"]["stage"] == 1 and c2["global_step"] == 2 and c2["glmtrain"]["consumed_samples"] == 2 * 8
+    assert c2["hyper_parameters"]["config"]["data"]["window"] == 128

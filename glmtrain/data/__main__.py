@@ -26,12 +26,9 @@ def _fail(msg: str) -> None:
 
 
 def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
+    from glmtrain.config import compose
 
-    from glmtrain.cli import CONF_DIR
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        return compose(config_name="config", overrides=overrides)
+    return compose(overrides)
 
 
 def build(args: list[str]) -> int:

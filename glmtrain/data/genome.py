@@ -8,13 +8,23 @@
 * ``data.format=memory``: the same plan, windows and units cut from FASTA in RAM
   every run - no disk writes; the sample order is identical to ``shards``.
 
-The training order is index-based (see :mod:`glmtrain.data.stream`): the
-LightningModule's ``consumed_samples`` is the whole resume position.
+Windows are stored at ``data.store_window`` (default ``data.window``) and trained at
+``data.window``: each stored window is cut into ``store_window / window`` consecutive pieces
+(:class:`PieceStore`), so the stages of a context schedule (64 -> ... -> 1,024, or 8k -> ... -> 1M)
+all read the same shards, built once at the longest window.  A piece is a sample of its own in the
+index-based stream (:mod:`glmtrain.data.stream`), which therefore stays exact across restarts for
+every stage.  Pieces are not N-filtered again: ``max_n_fraction`` applies to the stored window, and
+N bases carry no loss wherever they are.
+
+The training order is index-based: a :class:`StreamCursor` (global samples consumed, data-parallel
+rank and size) is the whole resume position.  The LightningModule owns and advances it; this data
+module only reads it (it never looks at the trainer).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -25,15 +35,16 @@ import pyfaidx
 import torch
 from torch.utils.data import DataLoader
 
-from glmtrain.config import DataConfig
+from glmtrain.config import DataConfig, first_difference
 from glmtrain.data.fasta import DataInputError, default_cache_dir, fetch_bytes, file_sha256, resolve_path
 from glmtrain.data.plan import SPLITS, Plan, make_plan, policy, unit_windows
-from glmtrain.data.shards import COMP, ShardStore, build_shards, dir_lock, first_difference
-from glmtrain.data.stream import (EvalSamples, ResumableBatchSampler, TrainOrder, TrainSamples, TrimCollate,
+from glmtrain.data.shards import COMP, ShardStore, build_shards, dir_lock
+from glmtrain.data.stream import (EvalSamples, ResumableBatchSampler, StreamCursor, TrainOrder, TrainSamples, TrimCollate,
                                   WindowEncoder, eval_rows)
 from glmtrain.tokenizers import Tokenizer
 
-__all__ = ["DataInputError", "GenomeDataModule", "MemoryStore", "open_store"]
+__all__ = ["DataInputError", "GenomeDataModule", "MemoryStore", "PieceStore", "StreamCursor", "open_store"]
+
 
 
 class MemoryStore:
@@ -86,6 +97,44 @@ class MemoryStore:
         return (COMP[raw[::-1]] if minus else raw), rec, s, e, ("-" if minus else "+")
 
 
+class PieceStore:
+    """A store whose stored windows are cut into ``pieces`` consecutive pieces of ``window`` bases.
+
+    Piece ``i`` of a unit is piece ``i % pieces`` of its stored sample ``i // pieces``; the provenance
+    (start, end) is that of the piece on the genome (for a reverse-complement sample, counted from the
+    stored window's end).  A stored window shorter than ``pieces * window`` (a region's tail, when
+    ``min_length`` allows it) gives short or empty pieces: padded, and without loss.
+    """
+
+    def __init__(self, store, window: int, pieces: int):
+        self.base, self.window, self.pieces = store, window, pieces
+        self.kind = store.kind
+        self.digest = f"{store.digest}:{window}x{pieces}"
+
+    def units(self, split: str) -> list[tuple[str, int, int]]:
+        return [(name, src, n * self.pieces) for name, src, n in self.base.units(split)]
+
+    def record(self, rec: int) -> tuple[str, str]:
+        return self.base.record(rec)
+
+    def read(self, split: str, u: int, i: int):
+        got = self.base.read(split, u, i // self.pieces)
+        if got is None:
+            return None
+        raw, rec, start, end, strand = got
+        a = (i % self.pieces) * self.window
+        b = min(len(raw), a + self.window)
+        a = min(a, b)
+        if strand == "+":
+            return raw[a:b], rec, start + a, start + b, strand
+        return raw[a:b], rec, end - b, end - a, strand
+
+
+def stored_config(cfg: DataConfig) -> DataConfig:
+    """The data config the stored windows are planned and built with (window = the stored window)."""
+    return dataclasses.replace(cfg, window=cfg.store_window or cfg.window, store_window=0)
+
+
 def auto_shard_dir(cfg: DataConfig, plan: Plan) -> Path:
     return default_cache_dir(cfg.cache_dir) / "shards" / f"{cfg.name}-{plan.digest[:16]}"
 
@@ -127,6 +176,13 @@ def _sources_difference(built: list[dict], cfg: DataConfig) -> str | None:
 
 
 def open_store(cfg: DataConfig, verbose: bool = True):
+    """The samples of ``cfg``: stored windows (shards or memory), viewed as pieces of ``cfg.window``."""
+    store = _open_stored(stored_config(cfg), verbose)
+    pieces = (cfg.store_window or cfg.window) // cfg.window
+    return PieceStore(store, cfg.window, pieces) if pieces > 1 else store
+
+
+def _open_stored(cfg: DataConfig, verbose: bool):
     if cfg.shards and cfg.format == "shards":
         store = ShardStore(resolve_path(cfg.shards), cfg.on_corrupt, cfg.verify, verbose)
         check_compatible(store, cfg)
@@ -156,11 +212,17 @@ def _rank_env() -> int:
 
 
 class GenomeDataModule(L.LightningDataModule):
-    """Lightning glue: opens the store once per process, hands out index-resumable loaders."""
+    """Lightning glue: opens the store once per process, hands out index-resumable loaders.
 
-    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, micro_batch_size: int, seed: int):
+    ``cursor`` is the stream position (consumed samples, data-parallel rank and size), owned and
+    advanced by the LightningModule; the loaders start where it says.
+    """
+
+    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, micro_batch_size: int, seed: int,
+                 cursor: StreamCursor | None = None):
         super().__init__()
         self.cfg, self.tok, self.micro, self.seed = cfg, tokenizer, micro_batch_size, seed
+        self.cursor = cursor if cursor is not None else StreamCursor()
         self.store = None
         self._resume: dict | None = None
 
@@ -175,19 +237,10 @@ class GenomeDataModule(L.LightningDataModule):
                 raise DataInputError("data: no validation window survives the filters; lower data.window, raise "
                                      "data.max_n_fraction or hold out more (data.split)")
 
-    def _rank_world(self) -> tuple[int, int]:
-        t = self.trainer
-        if t is None:
-            return (0, 1)
-        # data-parallel rank/size: tensor-parallel ranks of one group train on the same samples
-        kw = getattr(t.strategy, "distributed_sampler_kwargs", None) or {}
-        return (kw.get("rank", t.global_rank), kw.get("num_replicas", t.world_size))
-
-    # ---- resume state beside the module's consumed_samples (checked, never used to reposition)
+    # ---- resume state beside the cursor's position (checked, never used to reposition)
     def stream_state(self) -> dict:
         self.setup()
-        _, world = self._rank_world()
-        return {"fingerprint": self.order.fingerprint(), "world_size": world, "micro_batch_size": self.micro}
+        return {"fingerprint": self.order.fingerprint(), "world_size": self.cursor.world, "micro_batch_size": self.micro}
 
     def state_dict(self) -> dict:
         return {"stream": self.stream_state()}
@@ -221,10 +274,8 @@ class GenomeDataModule(L.LightningDataModule):
         return {"collate_fn": TrimCollate(self.tok.pad_id)} if self.encoder.trim else {}
 
     def train_dataloader(self) -> DataLoader:
-        rank, world = self._rank_world()
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        consumed = getattr(module, "consumed_samples", 0)
-        return self.train_loader(consumed, rank, world)
+        c = self.cursor
+        return self.train_loader(c.consumed, c.rank, c.world)
 
     def eval_dataset(self, split: str = "valid", rank: int = 0, world: int = 1) -> EvalSamples:
         self.setup()
@@ -232,18 +283,9 @@ class GenomeDataModule(L.LightningDataModule):
         return EvalSamples(self.store, self.encoder, split, rows[rank::world])
 
     def val_dataloader(self) -> DataLoader:
-        rank, world = self._rank_world()
-        return DataLoader(self.eval_dataset("valid", rank, world), batch_size=self.micro, shuffle=False, num_workers=0,
+        c = self.cursor
+        return DataLoader(self.eval_dataset("valid", c.rank, c.world), batch_size=self.micro, shuffle=False, num_workers=0,
                           **self._collate())
-
-    # debugging / tests: GLMTRAIN_DATA_TRACE=<dir> records the keys of every batch a rank trains on
-    def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        trace = os.environ.get("GLMTRAIN_DATA_TRACE")
-        if trace and self.trainer is not None and self.trainer.training and isinstance(batch, dict):
-            path = Path(trace) / f"train.rank{self.trainer.global_rank}.tsv"
-            with open(path, "a") as f:
-                f.writelines(f"{int(i)}\t{k}\n" for i, k in zip(batch["index"], batch["key"]))
-        return batch
 
     def token_counts(self, max_bases: int = 1_000_000) -> np.ndarray:
         """How often each id carries loss in evenly spaced training windows (the unigram baseline's data)."""

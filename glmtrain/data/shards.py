@@ -40,11 +40,12 @@ from typing import Iterator
 
 import numpy as np
 
-from glmtrain.atomic import atomic_write
-from glmtrain.locks import FileLock
 from glmtrain import __version__
+from glmtrain.atomic import atomic_write
+from glmtrain.config import first_difference
 from glmtrain.data.fasta import DataInputError, fetch_bytes
 from glmtrain.data.plan import FORMAT_VERSION, SPLITS, Plan, Unit, plan_from_state, plan_state, unit_windows
+from glmtrain.locks import FileLock
 
 IDX_DTYPE = np.dtype([("off", "<i8"), ("len", "<i4"), ("crc", "<u4"), ("rec", "<i4"),
                       ("start", "<i8"), ("end", "<i8"), ("strand", "i1")])
@@ -222,24 +223,6 @@ def dir_lock(path: Path, verbose: bool = True) -> Iterator[None]:
         yield
     finally:
         lock.release()
-
-
-def first_difference(old, new, prefix: str = "") -> str | None:
-    if isinstance(old, dict) and isinstance(new, dict):
-        for k in list(new) + [k for k in old if k not in new]:  # the new config's order: window before stride
-            d = first_difference(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{prefix}{k}.")
-            if d:
-                return d
-        return None
-    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        for i, (a, b) in enumerate(zip(old, new)):
-            d = first_difference(a, b, f"{prefix.rstrip('.')}[{i}].")
-            if d:
-                return d
-        return None
-    if old != new:
-        return f"{prefix.rstrip('.')} was {old!r}, is {new!r} now"
-    return None
 
 
 def _finished(out: Path, unit: Unit, digest: str, check_sha: bool) -> dict | None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -50,6 +51,15 @@ def _splitmix64(x: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
     return x ^ (x >> 31)
+
+
+@dataclass
+class StreamCursor:
+    """Position of the training stream: the only data state a run saves (owned by the LightningModule)."""
+
+    consumed: int = 0  # global training samples consumed so far (all data-parallel ranks)
+    rank: int = 0  # data-parallel rank of this process
+    world: int = 1  # data-parallel size
 
 
 def hash_uniform(seed: int, salt: int, g: int) -> float:

@@ -13,6 +13,7 @@ plans live in ``glmtrain/parallel``; training logic in ``glmtrain/module.py``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -30,6 +31,13 @@ class ModelConfig:
     # Published shape this config reproduces, for the parameter-count check (0 = none).
     published_params: int = 0
     activation_checkpointing: bool = False
+
+    #: Knobs that change speed or memory but not the function computed (up to floating-point
+    #: reduction order): they may change between restarts of a run.  Every other field is part of
+    #: the model's mathematics and a resume with a different value is refused.
+    SPEED_ONLY: ClassVar[tuple[str, ...]] = ("activation_checkpointing",)
+    #: Fields a context-extension stage may set (``context.stages[i].<knob>``); checked against the schedule.
+    STAGE_KNOBS: ClassVar[tuple[str, ...]] = ()
 
 
 class GenomicModel(nn.Module):

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -99,6 +100,9 @@ class Evo2Config(ModelConfig):
     filter_weight_decay: float = 0.0
     checkpoint_layers: int = 0  # with activation_checkpointing: 0 = every block, n = first n
     fft_channel_chunk: int = 0
+
+    SPEED_ONLY: ClassVar[tuple[str, ...]] = ModelConfig.SPEED_ONLY + ("checkpoint_layers", "fft_channel_chunk", "attention")
+    STAGE_KNOBS: ClassVar[tuple[str, ...]] = ("rope_base", "rope_interpolation")
 
     def layer_kinds(self) -> list[str]:
         bad = sorted(set(self.pattern) - set(BLOCK_KINDS))

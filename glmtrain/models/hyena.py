@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +85,9 @@ class HyenaConfig(ModelConfig):
     fft_channel_chunk: int = 0  # 0 = automatic
     fused_hyena: bool = True  # fused autograd core (saves memory); False = plain composition
     mlp_recompute_gelu: bool = True  # recompute the MLP's GELU in backward instead of storing [L, 4d]
+
+    SPEED_ONLY: ClassVar[tuple[str, ...]] = ModelConfig.SPEED_ONLY + (
+        "checkpoint_policy", "checkpoint_layers", "filter_chunk", "fft_channel_chunk", "fused_hyena", "mlp_recompute_gelu")
 
     def resolved_d_inner(self) -> int:
         return self.d_inner or 4 * self.d_model

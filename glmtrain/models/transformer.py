@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +75,9 @@ class TransformerConfig(ModelConfig):
     max_seq_len: int = 0  # 0 = unbounded (RoPE / ALiBi); >0 refuses longer inputs (learned positions: their rows)
     attention: str = "sdpa"  # sdpa | flash_attn (optional package; unpadded variable-length kernel under padding)
     init_std: float = 0.02
+
+    SPEED_ONLY: ClassVar[tuple[str, ...]] = ModelConfig.SPEED_ONLY + ("attention",)
+    STAGE_KNOBS: ClassVar[tuple[str, ...]] = ("rope_base", "rope_interpolation")
 
     def resolved_ffn_dim(self) -> int:
         if self.ffn_dim:
