@@ -383,7 +383,9 @@ def _check_combinations(run: RunConfig) -> None:
     from glmtrain.tokenizers import sample_tokens
 
     n_tok = sample_tokens(tok, run.data.window, run.data.window_tokens)
-    max_len = getattr(run.model, "max_seq_len", 0)
+    # a hard limit only for the Transformer family (its position table; HyenaDNA's max_seq_len normalises
+    # filter positions and extends past it)
+    max_len = getattr(run.model, "max_seq_len", 0) if run.model.family == "transformer" else 0
     if max_len and n_tok > max_len and not (tok.variable_length and run.data.window_tokens == 0):
         raise ConfigError(f"a sample is {n_tok} tokens (data.window={run.data.window}, data.window_tokens={run.data.window_tokens}) "
                           f"but model.max_seq_len={max_len}; lower data.window or set data.window_tokens <= {max_len}")
