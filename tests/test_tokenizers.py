@@ -67,8 +67,8 @@ def test_build_and_batch():
     t = build_tokenizer({"kind": "kmer", "k": 3})
     batch = t.encode_batch(["ACGTAC", "ACG"], length=4)
     assert batch.shape == (2, 4) and batch[1, 1] == t.pad_id
-    with pytest.raises(ValueError, match="allowed values are char, kmer, byte"):
-        build_tokenizer({"kind": "bpe"})
+    with pytest.raises(ValueError, match="allowed values are char, kmer, kmer_overlap, bpe, byte"):
+        build_tokenizer({"kind": "wordpiece"})
 
 
 def test_reverse_complement():
