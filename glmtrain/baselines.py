@@ -1,4 +1,4 @@
-"""Order-k Markov baselines for held-out bits per base.
+"""Baselines for held-out bits per base: order-k Markov models over bases and a unigram model over tokens.
 
 Fit on the training windows, scored on exactly the positions the model is scored
 on: every unambiguous base (A, C, G, T) of a held-out window except the first,
@@ -80,3 +80,20 @@ class MarkovModel:
 
 def markov_baselines(train: Sequence[np.ndarray], held_out: Sequence[np.ndarray], orders: Sequence[int]) -> dict[int, float]:
     return {k: MarkovModel(k).fit(train).bits_per_base(held_out) for k in orders}
+
+
+def unigram_logp(counts: np.ndarray, scorable: np.ndarray, alpha: float = 0.5):
+    """log p(token) of a unigram model over the tokens a run scores (``scorable`` ids), fit on ``counts``
+    (token counts of the training windows, from the run's own tokenizer), additive smoothing ``alpha``.
+
+    Scored on the held-out positions the model is scored on and divided by the bases those tokens cover,
+    it is the context-free reference for any tokenizer: a 6-mer model must beat the 6-mer frequencies,
+    a BPE model the BPE token frequencies.  Ids that are never scored get a finite floor.
+    """
+    import torch
+
+    c = np.zeros(len(counts), dtype=np.float64)
+    c[scorable] = counts[scorable] + alpha
+    logp = np.full(len(counts), -1e4, dtype=np.float64)
+    logp[scorable] = np.log(c[scorable] / c[scorable].sum())
+    return torch.from_numpy(logp)

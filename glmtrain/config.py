@@ -54,6 +54,10 @@ class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
     split: SplitConfig = field(default_factory=SplitConfig)
     window: int = 1024  # bases per training window
+    # tokens per sample for multi-base tokenizers (k-mers, BPE), class/separator tokens included: longer
+    # encodings are cut, shorter ones padded (attention_mask 0, no loss). 0 = what a clean window of
+    # `window` bases becomes (BPE: each batch is padded to its longest sample, rounded up to 8).
+    window_tokens: int = 0
     # bases per stored window (shards / memory windows); 0 = window.  Training windows are consecutive
     # pieces of stored windows, so one set of shards serves every window that divides it (context stages).
     store_window: int = 0
@@ -224,6 +228,8 @@ class LoggerConfig:
 @dataclass
 class EvalConfig:
     baselines: list[int] = field(default_factory=lambda: [0, 2])  # Markov orders fit on the training windows
+    unigram: bool = True  # token-frequency baseline scored on the same held-out tokens as the model
+    unigram_bases: int = 1_000_000  # bases of evenly spaced training windows the unigram counts come from
     final: bool = True
 
 
@@ -265,7 +271,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.nonfinite": ("skip", "stop"),
     "logger.kind": ("csv", "wandb", "none"),
     "logger.mode": ("auto", "offline", "online"),
-    "model.tokenizer.kind": ("char", "kmer", "byte"),
+    "model.tokenizer.kind": ("char", "kmer", "kmer_overlap", "bpe", "byte"),
     "model.tokenizer.lowercase": ("upper", "keep", "error", "unk"),
     "model.tokenizer.iupac": ("N", "keep", "error", "unk"),
     "model.tokenizer.unknown": ("error", "unk"),
@@ -378,17 +384,42 @@ def _check_combinations(run: RunConfig) -> None:
             f"objective=clm needs a causal model, but model {run.model.name!r} is a bidirectional encoder; "
             f"use objective=mlm or a causal model ({switch})"
         )
-    check = getattr(run.model, "check", None)  # a family's own cross-field checks (one line or None)
-    problem = check() if callable(check) else None
-    if problem:
-        raise ConfigError(problem)
+    # a family's own cross-field checks: they return the problem (one line) or None, or raise ValueError
+    check = getattr(run.model, "check", None)
+    if callable(check):
+        try:
+            problem = check()
+        except ValueError as e:
+            problem = str(e)
+        if problem:
+            raise ConfigError(problem)
     if obj.name == "mlm" and causal:
         raise ConfigError(
             f"objective=mlm needs a bidirectional encoder, but model {run.model.name!r} is causal; "
             "use objective=clm or set model.causal=false where the family allows it"
         )
     if obj.name == "mlm" and run.model.tokenizer.kind == "byte":
-        raise ConfigError("objective=mlm needs a [MASK] token; model.tokenizer.kind=byte has none (allowed: char, kmer)")
+        raise ConfigError("objective=mlm needs a [MASK] token; model.tokenizer.kind=byte has none (allowed: char, kmer, kmer_overlap, bpe)")
+    try:
+        from glmtrain.tokenizers import build_tokenizer
+
+        tok = build_tokenizer(run.model.tokenizer)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    from glmtrain.tokenizers import sample_tokens
+
+    n_tok = sample_tokens(tok, run.data.window, run.data.window_tokens)
+    # a hard limit only for the Transformer family (its position table; HyenaDNA's max_seq_len normalises
+    # filter positions and extends past it)
+    max_len = getattr(run.model, "max_seq_len", 0) if run.model.family == "transformer" else 0
+    if max_len and n_tok > max_len and not (tok.variable_length and run.data.window_tokens == 0):
+        raise ConfigError(f"a sample is {n_tok} tokens (data.window={run.data.window}, data.window_tokens={run.data.window_tokens}) "
+                          f"but model.max_seq_len={max_len}; lower data.window or set data.window_tokens <= {max_len}")
+    if tok.variable_length and run.data.window_tokens == 0 and max_len:
+        raise ConfigError(f"model.max_seq_len={max_len} with a {tok.name} tokenizer: set data.window_tokens (<= {max_len}) "
+                          "so that every sample fits")
+    if tok.variable_length and run.data.window_tokens == 0 and run.strategy.tp_size > 1 and run.strategy.sequence_parallel:
+        raise ConfigError("strategy.sequence_parallel with a bpe tokenizer needs fixed-length samples: set data.window_tokens")
     for key in ("mask_prob", "mask_token_prob", "random_token_prob"):
         v = getattr(obj, key)
         if not 0.0 <= v <= 1.0:
@@ -461,7 +492,9 @@ def _check_ranges(run: RunConfig) -> None:
             next(f for f in dataclasses.fields(type(run.model)) if f.name == "n_layers").default > 0:
         raise ConfigError("model.n_layers=0: must be >= 1")
     for f in dataclasses.fields(type(run.model)):
-        if "dropout" in f.name and not 0.0 <= getattr(run.model, f.name) < 1.0:
+        v = getattr(run.model, f.name)
+        # rates only: model.attn_dropout may be None (= dropout), model.token_dropout is ESM's on/off switch
+        if "dropout" in f.name and isinstance(v, float) and not 0.0 <= v < 1.0:
             raise ConfigError(f"model.{f.name}={getattr(run.model, f.name)}: must lie in [0, 1)")
     o = run.optim
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
@@ -578,6 +611,8 @@ def check_machine(run: RunConfig) -> None:
 def _check_data(d: DataConfig) -> None:
     if d.window < 2:
         raise ConfigError(f"data.window={d.window}: must be >= 2")
+    if d.window_tokens < 0 or d.window_tokens == 1:
+        raise ConfigError(f"data.window_tokens={d.window_tokens}: must be 0 (derived from data.window) or >= 2")
     if d.stride < 0 or d.min_length < 0:
         raise ConfigError("data.stride and data.min_length must be >= 0")
     stored = d.store_window or d.window

@@ -67,13 +67,12 @@ def load_run(run_dir: Path):
 
 def held_out(run, window: int, split: str, limit: int):
     """(token ids [n, L], loss weights [n, L]) of ``limit`` evenly spaced held-out windows of ``window`` bases."""
-    from omegaconf import OmegaConf
 
     from glmtrain.data.genome import open_store
     from glmtrain.data.stream import EvalSamples, WindowEncoder, eval_rows
     from glmtrain.tokenizers import build_tokenizer
 
-    tok = build_tokenizer(OmegaConf.to_container(OmegaConf.structured(run.model.tokenizer)))
+    tok = build_tokenizer(run.model.tokenizer, run_dir=run.run_dir)  # bpe: the run's own vocabulary
     data = replace(run.data, window=window, store_window=run.data.store_window or run.data.window)
     store = open_store(data, verbose=False)
     rows = eval_rows(store, split, limit)
@@ -111,6 +110,9 @@ def evaluate(run_dir: Path, contexts: list[int] | None = None, target: int = 0, 
     run, schedule = load_run(run_dir)
     if run.objective.name != "clm":
         raise ValueError("bits/base by context is defined here for causal (objective=clm) models")
+    if run.model.tokenizer.kind not in ("char", "byte"):  # contexts and targets are counted in bases = tokens
+        raise ValueError(f"bits/base by context is defined here for single-base tokenizers, not "
+                         f"model.tokenizer.kind={run.model.tokenizer.kind}")
     manifest = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {"stages": []}
     done = {s["name"]: s for s in manifest["stages"] if s.get("status") == "complete" and s.get("final_checkpoint")}
     chosen = [s for s in schedule.stages if s.name in done]

@@ -95,7 +95,7 @@ def score_sequences(
     out: list[dict] = []
     for i in range(0, len(sequences), batch_size):
         chunk = sequences[i : i + batch_size]
-        encoded = [tokenizer.encode(s) for s in chunk]
+        encoded = [tokenizer.encode_window(s)[0] for s in chunk]  # with the run's class/separator tokens
         if prepend_id is not None:
             encoded = [np.concatenate(([prepend_id], e)) for e in encoded]
         length = max(len(e) for e in encoded)
@@ -217,7 +217,10 @@ def _cached(model, batch: int, max_len: int):
 def generate_dna(model, tokenizer, prompt: str, max_new_tokens: int, **kwargs) -> str:
     """Convenience wrapper: DNA string in, DNA string out (ACGT only by default)."""
     device = next(model.parameters()).device
-    ids = torch.as_tensor(tokenizer.encode(prompt), dtype=torch.long, device=device)[None]
+    body = tokenizer.encode(prompt)  # the class token if the model was trained with one; no separator: it continues
+    if tokenizer.add_cls:
+        body = np.concatenate(([tokenizer.cls_id], body))
+    ids = torch.as_tensor(body, dtype=torch.long, device=device)[None]
     kwargs.setdefault("allowed_ids", tokenizer.nucleotide_ids.tolist())
     out = generate(model, ids, max_new_tokens, **kwargs)
     return tokenizer.decode(out[0].tolist())

@@ -88,7 +88,8 @@ class GLMModule(L.LightningModule):
         self.run = run
         self.meta = dict(meta or {})
         self.save_hyperparameters({"config": OmegaConf.to_container(OmegaConf.structured(run))})
-        self.tokenizer = build_tokenizer(OmegaConf.to_container(OmegaConf.structured(run.model.tokenizer)))
+        # vocabulary (tokenizer.n_tokens) and embedding rows (tokenizer.vocab_size, padded) are distinct numbers
+        self.tokenizer = build_tokenizer(run.model.tokenizer, run_dir=run.run_dir)
         self.objective = build_objective(run.objective, self.tokenizer)
         # name-seeded initialisation (glmtrain.models.init): identical for a plain build and for a meta-device
         # build materialised shard by shard.  Sharded strategies and GPUs build on the meta device and
@@ -178,8 +179,15 @@ class GLMModule(L.LightningModule):
         (dp_rank, dp, _), cp = self._dp(), self._cp()[1]
         self.cursor.rank, self.cursor.world = dp_rank // cp, dp // cp
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids, **self._mask_kw(attention_mask))
+
+    def _mask_kw(self, attention_mask: torch.Tensor | None) -> dict:
+        # padding masks reach the families that take them (the Transformer encoders and decoders); for the
+        # others padding sits after the real tokens of a causal model, where it cannot change them
+        if attention_mask is None or not getattr(self.model, "accepts_attention_mask", False):
+            return {}
+        return {"attention_mask": attention_mask}
 
     def _prepare(self, batch: dict, generator: torch.Generator | None, salt: int):
         ids, w, index = batch["input_ids"], batch.get("loss_weight"), batch.get("index")
@@ -201,7 +209,11 @@ class GLMModule(L.LightningModule):
             from glmtrain.parallel.context import chunk_prepared
 
             prepared = chunk_prepared(prepared, cp_rank, cp)
-        logits = self.model(prepared.inputs)
+            # ring attention has no padding masks: configs that pad (multi-base tokenizers, ALiBi,
+            # learned positions) are refused with context parallelism before anything starts
+            logits = self.model(prepared.inputs)
+        else:
+            logits = self.model(prepared.inputs, **self._mask_kw(batch.get("attention_mask")))
         return self.objective.loss(logits, prepared)
 
     # ----------------------------------------------------------------- training
@@ -317,20 +329,23 @@ class GLMModule(L.LightningModule):
 
     # --------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
-        self._val = {k: torch.zeros((), dtype=torch.float64, device=self.device) for k in ("nats", "bases", "tokens")}
+        self._val = {k: torch.zeros((), dtype=torch.float64, device=self.device) for k in ("nats", "bases", "tokens", "unigram_nats")}
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         gen = self._generator(10**9 + batch_idx) if self.objective.name == "mlm" else None
         _, stats = self._step(batch, gen, salt=10**9)  # held-out windows: their own mask stream
         for k in self._val:
-            self._val[k] += stats[k].double()
+            if k in stats:
+                self._val[k] += stats[k].double()
 
     def on_validation_epoch_end(self) -> None:
-        totals = torch.stack([self._val["nats"], self._val["bases"], self._val["tokens"]])
+        totals = torch.stack([self._val["nats"], self._val["bases"], self._val["tokens"], self._val["unigram_nats"]])
         totals = self._all_reduce(totals)  # over data-parallel ranks (tensor-parallel ranks saw the same windows)
-        nats, bases, tokens = totals.tolist()
+        nats, bases, tokens, uni = totals.tolist()
         bpb = bits_per_base(nats, bases)
         self.last_val = {"bits_per_base": bpb, "nats": nats, "bases": bases, "tokens": tokens}
+        if self.objective.unigram_logp is not None:
+            self.last_val["unigram_bits_per_base"] = bits_per_base(uni, bases)
         self.log("val/bits_per_base", bpb, prog_bar=True, sync_dist=False, batch_size=1, rank_zero_only=True)
         self.log("val/loss", nats / max(tokens, 1e-9), sync_dist=False, batch_size=1, rank_zero_only=True)
 

@@ -34,6 +34,12 @@ class Objective:
         special[list(tokenizer.special_ids)] = True
         self._special = special
         self._bases = torch.as_tensor(tokenizer.bases_per_id, dtype=torch.float32)
+        self.unigram_logp: torch.Tensor | None = None  # set by set_unigram: a baseline scored on the same tokens
+
+    def set_unigram(self, logp: torch.Tensor | None) -> None:
+        """log-probabilities [vocab] of a unigram model; :meth:`loss` then also reports its nats
+        (``unigram_nats``) on exactly the positions the model is scored on."""
+        self.unigram_logp = None if logp is None else logp.to(torch.float64)
 
     def _lut(self, t: torch.Tensor, device) -> torch.Tensor:
         return t.to(device) if t.device != device else t
@@ -59,6 +65,9 @@ class Objective:
             "tokens": scored.sum().to(torch.float32),
             "weight": wsum.detach(),
         }
+        if self.unigram_logp is not None:
+            logp = self._lut(self.unigram_logp, prepared.labels.device)[prepared.labels]
+            stats["unigram_nats"] = -(logp * scored).sum()
         return loss, stats
 
 
@@ -75,7 +84,14 @@ class NextToken(Objective):
 
 
 class MaskedLM(Objective):
-    """BERT-style MLM: select ``mask_prob`` of maskable positions; 80 % [MASK], 10 % random nucleotide, 10 % kept."""
+    """BERT-style MLM: select ``mask_prob`` of maskable positions; 80 % [MASK], 10 % random nucleotide, 10 % kept.
+
+    Tokenizers whose tokens overlap (DNABERT's k-mers, ``tokenizer.mlm_span = k``) are masked in
+    contiguous spans of k tokens, as DNABERT did: with single masked k-mers every masked base would still
+    be visible in the neighbouring k-mers.  Span starts are drawn with probability 1 - (1 - p)^(1/k) so
+    that a fraction p of the tokens is selected; overlapping or touching spans merge into one run, and
+    the 80/10/10 choice is made once per run (a run that is partly kept would reveal the rest).
+    """
 
     name = "mlm"
 
@@ -94,8 +110,12 @@ class MaskedLM(Objective):
         # maskable: not special/pad and carrying loss weight (N bases have weight 0: never selected)
         maskable = (~self._lut(self._special, dev)[input_ids]) & (w > 0)
         u = torch.rand(input_ids.shape, generator=generator, device=dev)
-        selected = maskable & (u < self.mask_prob)
         v = torch.rand(input_ids.shape, generator=generator, device=dev)
+        span = getattr(self.tok, "mlm_span", 1)
+        if span > 1:
+            selected, v = self._spans(maskable, u, v, span)
+        else:
+            selected = maskable & (u < self.mask_prob)
         to_mask = selected & (v < self.p_mask)
         to_random = selected & (v >= self.p_mask) & (v < self.p_mask + self.p_random)
         nuc = self._lut(self._nuc, dev)
@@ -103,6 +123,18 @@ class MaskedLM(Objective):
         inputs = torch.where(to_mask, torch.full_like(input_ids, self.tok.mask_id), input_ids)
         inputs = torch.where(to_random, random_ids, inputs)
         return Prepared(inputs=inputs, labels=input_ids, weights=w * selected, shift=False)
+
+    def _spans(self, maskable: torch.Tensor, u: torch.Tensor, v: torch.Tensor, span: int):
+        """(selected positions, per-position 80/10/10 draw shared by every position of a run)."""
+        q = 1.0 - (1.0 - self.mask_prob) ** (1.0 / span)
+        start = (maskable & (u < q)).to(torch.int32)
+        c = torch.nn.functional.pad(start.cumsum(1), (span, 0))
+        covered = (c[:, span:] - c[:, :-span]) > 0  # a start among the last `span` positions
+        selected = covered & maskable
+        idx = torch.arange(selected.shape[1], device=selected.device).expand_as(selected)
+        prev = torch.nn.functional.pad(selected[:, :-1], (1, 0), value=False)
+        run_start = torch.where(selected & ~prev, idx, torch.zeros_like(idx)).cummax(1).values
+        return selected, v.gather(1, run_start)
 
 
 def build_objective(cfg, tokenizer: Tokenizer) -> Objective:

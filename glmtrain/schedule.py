@@ -208,6 +208,9 @@ def resolve(run: RunConfig, dp: int | None = None, plan_only: bool = False) -> S
     if staged and not t.global_batch_tokens and any(s.global_batch_tokens is None for s, _ in items):
         raise ConfigError("a context schedule needs trainer.global_batch_tokens (tokens per optimizer step, kept across "
                           "stages) or global_batch_tokens on every stage")
+    if staged and d.window_tokens:  # k-mer / BPE samples: their token count must follow each stage's window
+        raise ConfigError(f"data.window_tokens={d.window_tokens} fixes every stage's sample length; leave it 0 under "
+                          f"context={run.context.name} (each stage then takes what its window becomes in tokens)")
     stages: list[Stage] = []
     offset = 0
     for i, (sc, explicit) in enumerate(items):
@@ -287,6 +290,9 @@ def resolve(run: RunConfig, dp: int | None = None, plan_only: bool = False) -> S
             raise ConfigError(f"{key('window', 'data.window')}={w}: {L} tokens exceed model.max_seq_len={limit}, "
                               "the length the implicit filters' positions are normalised by; train the whole schedule "
                               f"with model.max_seq_len >= {L} (HyenaDNA sets it to the longest stage)")
+        if staged and limit and m.family != "hyena" and L > limit:  # learned positions (NT-v1, DNABERT)
+            raise ConfigError(f"{key('window', 'data.window')}={w}: {L} tokens exceed model.max_seq_len={limit} "
+                              "(the model's position table); use windows whose samples fit, or a model without a limit")
         sr = copy.deepcopy(run)
         sr.model = model
         sr.data = dataclasses.replace(d, window=w, store_window=store)

@@ -32,12 +32,13 @@ import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from glmtrain.atomic import atomic_write
-from glmtrain.baselines import markov_baselines
+from glmtrain.baselines import markov_baselines, unigram_logp
 from glmtrain.checkpointing import (AtomicCheckpointIO, CheckpointError, StepCheckpoint, StepSeed, check_state_shapes,
                                     checkpoint_at, checkpoint_step, find_resume_checkpoint, load_optimizer_state,
                                     load_weights, step_path, weights_sha256)
@@ -51,6 +52,7 @@ from glmtrain.locks import hold_run_dir
 from glmtrain.module import GLMModule
 from glmtrain.parallel import strategies as parallel
 from glmtrain.schedule import Schedule, Stage, check, compat, compat_problem
+from glmtrain.tokenizers import prepare_vocabulary
 
 
 def _rank() -> int:
@@ -157,7 +159,7 @@ class Manifest:
         for row in schedule.table():
             p = prev.get(row["name"], {})
             keep = {k: p[k] for k in ("status", "init_from", "init_sha256", "final_checkpoint", "final_sha256",
-                                      "val_bits_per_base", "val_bases", "train_tok_s", "flops_per_token", "train_mfu",
+                                      "val_bits_per_base", "val_bases", "val_tokens", "unigram_bits_per_base", "train_tok_s", "flops_per_token", "train_mfu",
                                       "peak_mem_gib", "wall_s") if k in p}
             self.data["stages"].append({**row, "status": "pending", **keep})
 
@@ -234,6 +236,7 @@ def _run_schedule(run: RunConfig, schedule: Schedule, t0: float) -> dict:
         _say(f"trainer.init_from={run.trainer.init_from} is not used: this run resumes from its own checkpoint")
     accelerator = resolve_accelerator(run)
     _set_threads(run, accelerator)
+    prepare_vocabulary(run, say=_say)  # bpe: <run_dir>/tokenizer.json (trained on the training split if absent)
     # trainer.max_time_s: one budget for this invocation, across its stages (fresh on every rerun)
     timer = TimeLimit(run.trainer.max_time_s) if run.trainer.max_time_s > 0 else None
     result: dict = {}
@@ -371,7 +374,7 @@ def _train_stage(run: RunConfig, schedule: Schedule, stage: Stage, manifest: Man
     if timer is not None and timer.triggered:  # the time cap, inside the stage: a checkpoint was written
         out["stopped"] = "max_time_s"
         if run.eval.final:  # the report of a stopped run still gives the held-out number of its model
-            out.update(_validate(trainer, module, data))
+            out.update(_validate(run, trainer, module, data))
         out["_data"] = data
         return out
     if step < stage.end:  # stop_at_step: a checkpoint was written, rerun to continue
@@ -380,8 +383,8 @@ def _train_stage(run: RunConfig, schedule: Schedule, stage: Stage, manifest: Man
     final = step_path(ckpt_dir, stage.end)
     row = {"status": "complete", "final_checkpoint": str(final), "final_sha256": weights_sha256(module.state_dict())}
     if run.eval.final:
-        out.update(_validate(trainer, module, data))
-        row.update(val_bits_per_base=out["val_bits_per_base"], val_bases=out["val_bases"])
+        out.update(_validate(run, trainer, module, data))
+        row.update({k: out[k] for k in VAL_KEYS if k in out})
     for k in ("train_tok_s", "flops_per_token", "train_mfu"):
         if k in out:
             row[k] = out[k]
@@ -396,11 +399,44 @@ def _train_stage(run: RunConfig, schedule: Schedule, stage: Stage, manifest: Man
     return out
 
 
-def _validate(trainer: L.Trainer, module: GLMModule, data: GenomeDataModule) -> dict:
-    """Held-out bits/base of the module now, over the whole validation split at the stage's window."""
+#: the held-out numbers of a stage (run.json row, final.json)
+VAL_KEYS = ("val_bits_per_base", "val_bases", "val_tokens", "unigram_bits_per_base")
+
+
+def _validate(run: RunConfig, trainer: L.Trainer, module: GLMModule, data: GenomeDataModule) -> dict:
+    """Held-out bits/base of the module now, over the whole validation split at the stage's window, and
+    -- where it differs from the base composition (MLM, multi-base tokens) -- a token-frequency baseline
+    that the same validation pass scores on exactly the positions the model is scored on."""
     trainer.limit_val_batches = 1.0
-    trainer.validate(module, datamodule=data, verbose=False, weights_only=True)
-    return {"val_bits_per_base": module.last_val["bits_per_base"], "val_bases": module.last_val["bases"]}
+    tok = module.tokenizer
+    if _unigram_wanted(run, tok.name):
+        module.objective.set_unigram(unigram_logp(data.token_counts(run.eval.unigram_bases), np.asarray(tok.acgt_ids)))
+    try:
+        trainer.validate(module, datamodule=data, verbose=False, weights_only=True)
+    finally:
+        module.objective.set_unigram(None)
+    v = module.last_val
+    out = {"val_bits_per_base": v["bits_per_base"], "val_bases": v["bases"], "val_tokens": v["tokens"]}
+    if "unigram_bits_per_base" in v:
+        out["unigram_bits_per_base"] = v["unigram_bits_per_base"]
+    return out
+
+
+def _unigram_wanted(run: RunConfig, kind: str) -> bool:
+    """The token-frequency baseline where it is not one of the Markov baselines already reported: multi-base
+    tokens, or MLM on single bases -- unless order 0 is asked for, which for a masked single base is the
+    same model (the base composition): the report then gives it once, as Markov order 0."""
+    if not run.eval.unigram:
+        return False
+    if kind not in ("char", "byte"):
+        return True
+    return run.objective.name == "mlm" and 0 not in run.eval.baselines
+
+
+def _markov_orders(run: RunConfig) -> list[int]:
+    """MLM: only order 0 (the composition a masked base is drawn from); higher orders predict from the left
+    context alone, which an MLM's figure is not comparable with."""
+    return [k for k in run.eval.baselines if run.objective.name == "clm" or k == 0]
 
 
 def _finish(run: RunConfig, schedule: Schedule, manifest: Manifest, last: dict, t0: float) -> dict:
@@ -414,25 +450,26 @@ def _finish(run: RunConfig, schedule: Schedule, manifest: Manifest, last: dict, 
     if stopped:
         result.update({k: last[k] for k in ("stopped", "max_steps", "max_time_s")})
     now = last if stopped else stages[-1]  # the numbers of the model the run ends with
-    for k in ("val_bits_per_base", "val_bases", "train_tok_s", "flops_per_token", "train_mfu"):
+    for k in (*VAL_KEYS, "train_tok_s", "flops_per_token", "train_mfu"):
         if k in now:
             result[k] = now[k]
+    base = {"unigram": result.pop("unigram_bits_per_base")} if "unigram_bits_per_base" in result else {}
     if len(stages) > 1:
         result["stages"] = [{k: s.get(k) for k in ("name", "window", "steps", "tokens_per_step", "val_bits_per_base",
                                                    "train_tok_s", "train_mfu", "peak_mem_gib", "final_sha256",
                                                    "init_sha256")} for s in stages]
-    # MLM: only order 0 (the unigram of a masked base); higher orders predict from the left context alone
-    orders = [k for k in run.eval.baselines if run.objective.name == "clm" or k == 0]
+    orders = _markov_orders(run)
     if run.eval.final and orders and _rank() == 0:
         if data is None:  # no stage trained in this invocation: open the last stage's data for the baselines
             from glmtrain.tokenizers import build_tokenizer
-            from omegaconf import OmegaConf
 
             sr = schedule.stages[-1].run
-            tok = build_tokenizer(OmegaConf.to_container(OmegaConf.structured(sr.model.tokenizer)))
+            tok = build_tokenizer(sr.model.tokenizer, run_dir=sr.run_dir)
             data = GenomeDataModule(sr.data, tok, 1, run.seed)
-        base = markov_baselines(data.sequences("train"), data.sequences("valid"), orders)
-        result["baselines_bits_per_base"] = {f"order{k}": v for k, v in base.items()}
+        markov = markov_baselines(data.sequences("train"), data.sequences("valid"), orders)
+        base.update({f"order{k}": v for k, v in markov.items()})
+    if base:
+        result["baselines_bits_per_base"] = base
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     if _rank() == 0:
         (Path(run.run_dir) / "final.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -441,17 +478,27 @@ def _finish(run: RunConfig, schedule: Schedule, manifest: Manifest, last: dict, 
 
 
 def report(run: RunConfig, result: dict) -> None:
+    """The held-out figure beside its baselines.
+
+    bits/base = total nats of the scored tokens / bases those tokens cover / ln 2, whatever the tokenizer
+    (next-token: every token; MLM: the masked tokens, so "masked bits/base").  The unigram baseline is a
+    token-frequency model scored on exactly the same tokens; the Markov baselines score every base of the
+    same held-out windows from the preceding bases.
+    """
     metric = "held-out bits/base" if run.objective.name == "clm" else "held-out masked bits/base"
+    what = "bases" if run.objective.name == "clm" else "masked bases"
     of = f" of {result['max_steps']}" if result.get("stopped") == "max_time_s" else ""
-    lines = [f"\n{metric} ({run.run_dir}, step {result['steps']}{of}, {result.get('val_bases', 0):.0f} bases scored):"]
+    lines = [f"\n{metric} ({run.run_dir}, step {result['steps']}{of}, {result.get('val_bases', 0):.0f} {what} "
+             f"in {result.get('val_tokens', 0):.0f} tokens scored):"]
     for s in result.get("stages", []):
         if s.get("val_bits_per_base") is not None:
             lines.append(f"  {run.model.name + ' stage ' + s['name'] + ' (window ' + str(s['window']) + ')':<40} "
                          f"{s['val_bits_per_base']:.4f}")
     if "val_bits_per_base" in result and (of or not result.get("stages")):
-        lines.append(f"  {run.model.name:<28} {result['val_bits_per_base']:.4f}")
+        lines.append(f"  {run.model.name:<32} {result['val_bits_per_base']:.4f}")
     for name, v in result.get("baselines_bits_per_base", {}).items():
-        lines.append(f"  {'Markov ' + name + ' baseline':<28} {v:.4f}")
+        label = f"unigram ({run.model.tokenizer.kind}) baseline" if name == "unigram" else f"Markov {name} baseline"
+        lines.append(f"  {label:<32} {v:.4f}")
     lines.append(f"  wall time {result['wall_s']:.1f} s" + (f", training {result['train_tok_s']:.0f} tokens/s" if "train_tok_s" in result else "")
                  + (f", MFU {100 * result['train_mfu']:.1f} %" if "train_mfu" in result else ""))
     if of:

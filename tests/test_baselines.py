@@ -43,3 +43,19 @@ def test_scores_exactly_the_positions_the_model_scores():
 def test_uniform_when_untrained():
     bpb = MarkovModel(2).fit([]).bits_per_base([_arr("ACGTACGTAC")])
     assert math.isclose(bpb, 2.0, rel_tol=1e-9)
+
+
+def test_each_baseline_is_reported_once():
+    """MLM runs get Markov order 0 only; the token-unigram baseline is added where it is another model
+    (multi-base tokens), and for a masked single base only when order 0 (the same model) is not asked for."""
+    from types import SimpleNamespace as NS
+
+    from glmtrain.train import _markov_orders, _unigram_wanted
+
+    def run(obj, orders, unigram=True):
+        return NS(objective=NS(name=obj), eval=NS(baselines=orders, unigram=unigram))
+
+    assert _markov_orders(run("clm", [0, 2])) == [0, 2] and _markov_orders(run("mlm", [0, 2])) == [0]
+    assert _unigram_wanted(run("mlm", [0, 2]), "kmer") and _unigram_wanted(run("clm", [0, 2]), "bpe")
+    assert not _unigram_wanted(run("mlm", [0, 2]), "char") and _unigram_wanted(run("mlm", []), "char")
+    assert not _unigram_wanted(run("clm", []), "char") and not _unigram_wanted(run("mlm", [], False), "kmer")

@@ -42,8 +42,8 @@ def test_wrong_type():
 def test_bad_choice_lists_allowed_values():
     msg = _err(["objective.name=span"])
     assert "objective.name" in msg and "clm, mlm" in msg
-    msg = _err(["model.tokenizer.kind=bpe"])
-    assert "char, kmer, byte" in msg
+    msg = _err(["model.tokenizer.kind=wordpiece"])
+    assert "char, kmer, kmer_overlap, bpe, byte" in msg
 
 
 def test_impossible_combinations():

@@ -60,9 +60,10 @@ def evo2_import():
 
 # ----------------------------------------------------------------------------- point 3: HyenaDNA exactly
 def test_official_tokenizer_conventions_are_options():
-    t = CharTokenizer(add_cls_sep=True, lowercase="unk", iupac="unk", unknown="unk")
-    assert t.encode("ACgtNnR!").tolist() == [0, 7, 8, 6, 6, 11, 6, 6, 6, 1]
-    assert t.token_length(5) == 7 and (t.n_prefix, t.n_suffix) == (1, 1)
+    t = CharTokenizer(add_cls=True, add_sep=True, lowercase="unk", iupac="unk", unknown="unk")
+    ids, n_body = t.encode_window("ACgtNnR!")
+    assert ids.tolist() == [0, 7, 8, 6, 6, 11, 6, 6, 6, 1] and n_body == 8
+    assert t.max_tokens(5) == 7 and t.n_wrap == 2
     assert CharTokenizer().encode("ACgtNnR").tolist() == [7, 8, 9, 10, 11, 11, 11]  # glmtrain's default is unchanged
 
 
@@ -73,10 +74,10 @@ def test_hyenadna_fixture_parity_fp32_fp64(hyena_import):
     dropped = [n for n, _ in imp.dropped]
     assert sum(".pos_emb." in n for n in dropped) == 4 and recomputed == [f"blocks.{i}.mixer.filter.band_freqs" for i in (0, 1)]
     ref = load_file(HYENA_FIX / "logits.safetensors")
-    tok = CharTokenizer(**{k: v for k, v in vars(tok_cfg).items() if k in ("lowercase", "iupac", "unknown", "add_cls_sep")})
+    tok = CharTokenizer(**{k: v for k, v in vars(tok_cfg).items() if k in ("lowercase", "iupac", "unknown", "add_cls", "add_sep")})
     for i, seq in enumerate(json.loads((HYENA_FIX / "inputs.json").read_text())["sequences"]):
         ids = ref[f"seq{i}.input_ids"]
-        assert tok.encode(seq["text"]).tolist() == ids.tolist() == seq["input_ids"]  # [CLS] ... [SEP], lowercase -> [UNK]
+        assert tok.encode_window(seq["text"])[0].tolist() == ids.tolist() == seq["input_ids"]  # [CLS] ... [SEP], lowercase -> [UNK]
         with torch.no_grad():
             lg32 = model.float()(ids[None])[0]
         assert (lg32 - ref[f"seq{i}.logits.float32"]).abs().max() < 1e-5
@@ -253,7 +254,7 @@ def test_cli_import_then_hf_export_parity_and_round_trip(tmp_path, hyena_import,
         tok = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
         seq = json.loads((fix / "inputs.json").read_text())["sequences"][1]
         seq = seq["text"] if isinstance(seq, dict) else seq
-        ids = build_tokenizer(vars(tok_cfg)).encode(seq)
+        ids = build_tokenizer(vars(tok_cfg)).encode_window(seq)[0]  # hyena: [CLS] ... [SEP] as released
         assert tok(seq)["input_ids"] == ids.tolist()
         x = torch.as_tensor(ids[:300])[None]
         with torch.no_grad():
@@ -306,7 +307,7 @@ def test_init_from_fixture_first_step_loss_equals_reference_then_export_run(tmp_
     args = [
         "model=hyena_tiny_1k", f"trainer.init_from={HYENA_FIX}", f"run_dir={tmp_path / 'run'}",
         f'data.sources=[{{path: "{fa}", species: fixture}}]', "data.split.valid_records=[seq1]", "data.window=1000",
-        "data.format=memory", "data.softmask=keep", "data.max_val_windows=1", "+model.tokenizer.add_cls_sep=true",
+        "data.format=memory", "data.softmask=keep", "data.max_val_windows=1", "+model.tokenizer.add_cls=true", "+model.tokenizer.add_sep=true",
         "+model.tokenizer.lowercase=unk", "+model.tokenizer.iupac=unk", "+model.tokenizer.unknown=unk",
         "model.embed_dropout=0", "trainer.max_steps=1", "trainer.micro_batch_size=1", "trainer.log_every=1",
         "trainer.val_every=0", "trainer.progress=none", "eval.final=false", "trainer.threads=1",
@@ -333,5 +334,5 @@ def test_init_from_fixture_first_step_loss_equals_reference_then_export_run(tmp_
     with torch.no_grad():
         a, b = hf(ids[None]).logits, run_model(ids[None])
     assert float((a - b).norm() / b.norm()) < 1e-5 and not torch.allclose(b[0], logits.float(), atol=1e-6)
-    assert json.loads((out / "tokenizer_config.json").read_text())["glmtrain_tokenizer"]["add_cls_sep"] is True
+    assert json.loads((out / "tokenizer_config.json").read_text())["glmtrain_tokenizer"]["add_sep"] is True
     assert np.isfinite(first)

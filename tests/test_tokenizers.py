@@ -67,9 +67,23 @@ def test_build_and_batch():
     t = build_tokenizer({"kind": "kmer", "k": 3})
     batch = t.encode_batch(["ACGTAC", "ACG"], length=4)
     assert batch.shape == (2, 4) and batch[1, 1] == t.pad_id
-    with pytest.raises(ValueError, match="allowed values are char, kmer, byte"):
-        build_tokenizer({"kind": "bpe"})
+    with pytest.raises(ValueError, match="allowed values are char, kmer, kmer_overlap, bpe, byte"):
+        build_tokenizer({"kind": "wordpiece"})
 
 
 def test_reverse_complement():
     assert reverse_complement("ACGTNacgtR") == "YacgtNACGT"
+
+
+def test_one_special_token_mechanism_for_every_tokenizer():
+    """The released HyenaDNA convention ([CLS] ... [SEP], anything but ACGTN -> [UNK]) is the general
+    add_cls/add_sep of every tokenizer: encode() gives the bases' tokens, encode_window() wraps them;
+    a config still naming the old add_cls_sep key is refused in one line rather than ignored."""
+    hyena = build_tokenizer({"kind": "char", "add_cls": True, "add_sep": True, "lowercase": "unk", "iupac": "unk"})
+    assert hyena.encode("ACgR").tolist() == [7, 8, 6, 6]
+    assert hyena.encode_window("ACgR")[0].tolist() == [0, 7, 8, 6, 6, 1] and hyena.max_tokens(4) == 6
+    nt = build_tokenizer({"kind": "kmer", "k": 2, "add_cls": True})
+    assert nt.encode_window("ACGT")[0].tolist() == [nt.cls_id, *nt.encode("ACGT").tolist()]
+    with pytest.raises(ValueError, match=r"unknown key\(s\) add_cls_sep") as e:
+        build_tokenizer({"kind": "char", "add_cls_sep": True})
+    assert "\n" not in str(e.value)

@@ -93,9 +93,14 @@ def write_tokenizer(tok_cfg: Any, out: Path) -> list[str]:
     if replace:
         ht.normalizer = normalizers.Sequence([normalizers.Replace(a, b) for a, b in sorted(replace.items())])
     ht.pre_tokenizer = pre_tokenizers.Split(split, behavior="isolated")
-    if getattr(tok, "add_cls_sep", False):
-        ht.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-                                                          special_tokens=[("[CLS]", tok.cls_id), ("[SEP]", tok.sep_id)])
+    if tok.add_cls or tok.add_sep:  # the run's class/separator tokens around every sequence (released HyenaDNA: both)
+        name = {i: t for t, i in vocab.items()}
+        head = [name[tok.cls_id]] if tok.add_cls else []
+        tail = [name[tok.sep_id]] if tok.add_sep else []
+        single = " ".join([*head, "$A", *tail])
+        ht.post_processor = processors.TemplateProcessing(
+            single=single, pair=" ".join([single, "$B", *tail]),
+            special_tokens=[(t, vocab[t]) for t in dict.fromkeys(head + tail)])
     ht.add_special_tokens([t for t in dict.fromkeys(special.values()) if t in vocab and len(t) > 1])
     ht.save(str(out / "tokenizer.json"))
     tc = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30, "clean_up_tokenization_spaces": False,

@@ -36,7 +36,7 @@ from glmtrain.convert import ConvertError, Imported, Layout, Released, Taker, re
 
 STANDALONE_SHIFT = 0.05  # ExponentialModulation's default in standalone_hyenadna.py and the HF port
 FEATURE_TOL = 1e-5  # |stored - recomputed| positional features (fp32 rounding of the same formula: ~1e-7)
-OFFICIAL_TOKENIZER = {"kind": "char", "add_cls_sep": True, "lowercase": "unk", "iupac": "unk", "unknown": "unk"}
+OFFICIAL_TOKENIZER = {"kind": "char", "add_cls": True, "add_sep": True, "lowercase": "unk", "iupac": "unk", "unknown": "unk"}
 PREFIXES = {"hyenadna": ("model.backbone.", "backbone."), "hyenadna-hf": ("hyena.backbone.",)}
 
 
@@ -168,7 +168,7 @@ def _read(src: Released, layout: str) -> Imported:
         tk.drop_equal(head, emb, "the word embedding (tied LM head)")
     notes = [f"modulation shift {config['modulation_shift']:g}"
              + (" (the released config has no shift: the standalone/HF code's default)" if "shift" not in layer else ""),
-             "scores sequences as published with model.tokenizer.add_cls_sep=true lowercase=unk iupac=unk unknown=unk"]
+             "scores sequences as published with model.tokenizer.add_cls=true add_sep=true lowercase=unk iupac=unk unknown=unk"]
     if worst:
         notes.append(f"positional features: max |stored - recomputed| = {worst:.1e}")
     if top.get("residual_in_fp32") is False:

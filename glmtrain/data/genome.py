@@ -39,7 +39,7 @@ from glmtrain.config import DataConfig, first_difference
 from glmtrain.data.fasta import DataInputError, default_cache_dir, fetch_bytes, file_sha256, resolve_path
 from glmtrain.data.plan import SPLITS, Plan, make_plan, policy, unit_windows
 from glmtrain.data.shards import COMP, ShardStore, build_shards, dir_lock
-from glmtrain.data.stream import (EvalSamples, ResumableBatchSampler, StreamCursor, TrainOrder, TrainSamples,
+from glmtrain.data.stream import (EvalSamples, ResumableBatchSampler, StreamCursor, TrainOrder, TrainSamples, TrimCollate,
                                   WindowEncoder, eval_rows)
 from glmtrain.tokenizers import Tokenizer
 
@@ -268,7 +268,10 @@ class GenomeDataModule(L.LightningDataModule):
         sampler = ResumableBatchSampler(self.micro, rank, world, consumed, saved)
         workers = self.cfg.num_workers if num_workers is None else num_workers
         return DataLoader(self.train_set, batch_sampler=sampler, num_workers=workers, persistent_workers=False,
-                          pin_memory=torch.cuda.is_available())
+                          pin_memory=torch.cuda.is_available(), **self._collate())
+
+    def _collate(self) -> dict:
+        return {"collate_fn": TrimCollate(self.tok.pad_id)} if self.encoder.trim else {}
 
     def train_dataloader(self) -> DataLoader:
         c = self.cursor
@@ -281,7 +284,19 @@ class GenomeDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         c = self.cursor
-        return DataLoader(self.eval_dataset("valid", c.rank, c.world), batch_size=self.micro, shuffle=False, num_workers=0)
+        return DataLoader(self.eval_dataset("valid", c.rank, c.world), batch_size=self.micro, shuffle=False, num_workers=0,
+                          **self._collate())
+
+    def token_counts(self, max_bases: int = 1_000_000) -> np.ndarray:
+        """How often each id carries loss in evenly spaced training windows (the unigram baseline's data)."""
+        self.setup()
+        counts = np.zeros(self.tok.vocab_size, dtype=np.int64)
+        for u, i in eval_rows(self.store, "train", max(1, max_bases // self.cfg.window)):
+            got = self.store.read("train", int(u), int(i))
+            if got is not None:
+                ids, w = self.encoder(got[0])
+                counts += np.bincount(ids[w > 0], minlength=len(counts))
+        return counts
 
     # plain window bases for the Markov baselines (train: evenly spaced, at most max_bases)
     def sequences(self, split: str, max_bases: int = 8_000_000) -> list[np.ndarray]:

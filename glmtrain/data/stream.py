@@ -216,17 +216,27 @@ class TrainOrder:
 
 
 class WindowEncoder:
-    """Bases of a window -> (token ids, loss weights) under the data policies, padded to a fixed length."""
+    """Bases of a window -> (token ids, loss weights) under the data policies, padded to a fixed length.
+
+    The length is the tokens per sample (:func:`glmtrain.tokenizers.sample_tokens`): ``data.window_tokens``
+    or what a clean window becomes.  Multi-base tokenizers turn a window into a variable number of tokens
+    (N and leftovers are single-base k-mer tokens; BPE tokens vary): longer encodings are cut at the
+    length (class/separator tokens kept), shorter ones padded with the pad id, which carries no loss and,
+    through ``attention_mask`` (= ids != pad), no attention.
+    """
 
     def __init__(self, cfg: DataConfig, tokenizer: Tokenizer):
+        from glmtrain.tokenizers import sample_tokens
+
         self.cfg, self.tok = cfg, tokenizer
         self.per_base = tokenizer.name in ("char", "byte")
         if cfg.softmask == "weight" and not self.per_base:
             raise DataInputError(f"data.softmask=weight needs a one-token-per-base tokenizer; {tokenizer.name} is not (use upper)")
-        self.length = tokenizer.token_length(cfg.window)
-        acgt = np.zeros(tokenizer.vocab_size, dtype=bool)
-        acgt[tokenizer.acgt_ids] = True
-        self._acgt_ids = acgt
+        self.length = sample_tokens(tokenizer, cfg.window, cfg.window_tokens)
+        # BPE without a token budget: samples are padded to the worst case here and each batch is trimmed
+        # to its longest sample by the loader's collate (trim_padding)
+        self.trim = tokenizer.variable_length and cfg.window_tokens == 0
+        self._acgt_ids = None
         self._upper = np.arange(256, dtype=np.uint8)
         self._upper[ord("a") : ord("z") + 1] -= 32
         self._lower = np.zeros(256, dtype=bool)
@@ -234,20 +244,28 @@ class WindowEncoder:
         self._acgt_bytes = np.zeros(256, dtype=bool)
         self._acgt_bytes[list(b"ACGTacgt")] = True
 
+    def _acgt(self) -> np.ndarray:
+        if self._acgt_ids is None:  # built lazily: a BPE vocabulary is read on first use
+            acgt = np.zeros(self.tok.vocab_size, dtype=bool)
+            acgt[self.tok.acgt_ids] = True
+            self._acgt_ids = acgt
+        return self._acgt_ids
+
     def __call__(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         mode = self.cfg.softmask
         lower = self._lower[raw] if mode == "weight" else None
         if mode != "keep":
             raw = self._upper[raw]
-        ids = self.tok.encode(raw.tobytes().decode("latin-1"))
+        ids, n_body = self.tok.encode_window(raw.tobytes().decode("latin-1"), self.length)
+        head = int(self.tok.add_cls)
+        w = np.zeros(len(ids), dtype=np.float32)  # class / separator tokens carry no loss
         if self.per_base:
-            w = self._acgt_bytes[raw].astype(np.float32)  # N / ambiguous bases carry no loss
+            wb = self._acgt_bytes[raw[:n_body]].astype(np.float32)  # N / ambiguous bases carry no loss
             if lower is not None:
-                w[lower] *= self.cfg.softmask_weight
-            if len(ids) != len(w):  # specials the tokenizer adds around the bases ([CLS]/[SEP]) carry no loss
-                w = np.pad(w, (self.tok.n_prefix, self.tok.n_suffix))
+                wb[lower[:n_body]] *= self.cfg.softmask_weight
+            w[head : head + n_body] = wb
         else:
-            w = self._acgt_ids[ids].astype(np.float32)
+            w[head : head + n_body] = self._acgt()[ids[head : head + n_body]]
         out_ids = np.full(self.length, self.tok.pad_id, dtype=np.int64)
         out_w = np.zeros(self.length, dtype=np.float32)
         n = min(len(ids), self.length)
@@ -256,6 +274,28 @@ class WindowEncoder:
 
     def blank(self) -> tuple[np.ndarray, np.ndarray]:
         return np.full(self.length, self.tok.pad_id, dtype=np.int64), np.zeros(self.length, dtype=np.float32)
+
+
+def trim_padding(batch: dict, pad_id: int, multiple: int = 8) -> dict:
+    """Drop the trailing columns that are padding in every sample (kept to a multiple of ``multiple``)."""
+    mask = batch["attention_mask"]
+    longest = int(mask.sum(-1).max()) if mask.numel() else 0
+    keep = min(mask.shape[1], max(multiple, -(-longest // multiple) * multiple))
+    for key in ("input_ids", "loss_weight", "attention_mask"):
+        batch[key] = batch[key][:, :keep].contiguous()
+    return batch
+
+
+class TrimCollate:
+    """DataLoader collate: default collation, then :func:`trim_padding` (picklable for worker processes)."""
+
+    def __init__(self, pad_id: int, multiple: int = 8):
+        self.pad_id, self.multiple = pad_id, multiple
+
+    def __call__(self, samples: list[dict]) -> dict:
+        from torch.utils.data import default_collate
+
+        return trim_padding(default_collate(samples), self.pad_id, self.multiple)
 
 
 def make_sample(store, encoder: WindowEncoder, split: str, u: int, i: int, index: int, flip: bool) -> dict:
@@ -274,7 +314,8 @@ def make_sample(store, encoder: WindowEncoder, split: str, u: int, i: int, index
         except TokenizerError as e:
             raise DataInputError(f"{species}/{name}:{start}-{end}: {e}") from None
         key = f"{species}/{name}:{start}-{end}({strand})/{split}"
-    return {"input_ids": torch.from_numpy(ids), "loss_weight": torch.from_numpy(w), "index": index, "key": key}
+    return {"input_ids": torch.from_numpy(ids), "loss_weight": torch.from_numpy(w),
+            "attention_mask": torch.from_numpy(ids != encoder.tok.pad_id), "index": index, "key": key}
 
 
 class TrainSamples(Dataset):

@@ -45,6 +45,8 @@ class GenomicModel(nn.Module):
 
     #: True for next-token (causal) models, False for bidirectional encoders.
     causal: bool = True
+    #: True if ``forward(input_ids, attention_mask=...)`` takes a padding mask [B, L] (1 = real token).
+    accepts_attention_mask: bool = False
 
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -110,40 +112,121 @@ class RotaryEmbedding(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """Gated MLP: down(act(gate(x)) * up(x))."""
+    """Gated MLP: down(act(gate(x)) * up(x)).  ``activation="gelu"`` is GeGLU (DNABERT-2 / MosaicBERT),
+    ``"silu"`` SwiGLU (NT-v2, Llama).  ``out_bias`` defaults to ``bias`` (DNABERT-2: no bias on the gated
+    projection, a bias on the output)."""
 
-    def __init__(self, dim: int, hidden: int, bias: bool = False, activation: str = "silu"):
+    def __init__(self, dim: int, hidden: int, bias: bool = False, activation: str = "silu", out_bias: bool | None = None):
         super().__init__()
         self.gate = nn.Linear(dim, hidden, bias=bias)
         self.up = nn.Linear(dim, hidden, bias=bias)
-        self.down = nn.Linear(hidden, dim, bias=bias)
-        self.act = {"silu": F.silu, "gelu": F.gelu, "identity": lambda t: t}[activation]
+        self.down = nn.Linear(hidden, dim, bias=bias if out_bias is None else out_bias)
+        self.act = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+                    "identity": lambda t: t}[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.act(self.gate(x)) * self.up(x))
 
 
 class GeluMLP(nn.Module):
-    def __init__(self, dim: int, hidden: int, bias: bool = True):
+    """fc2(gelu(fc1(x))); ``approximate="tanh"`` (GPT-2) or ``"none"`` (exact erf GELU: BERT, ESM)."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = True, approximate: str = "tanh", out_bias: bool | None = None):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden, bias=bias)
-        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+        self.fc2 = nn.Linear(hidden, dim, bias=bias if out_bias is None else out_bias)
+        self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float = 0.0, flash=None) -> torch.Tensor:
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """ALiBi head slopes (Press et al. 2022): a geometric sequence 2^(-8/n), 2^(-16/n), ... for a power-of-two
+    head count; otherwise those of the next lower power of two followed by every other slope of twice that."""
+
+    def power_of_two(n: int) -> list[float]:
+        start = 2 ** (-8 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    if n_heads & (n_heads - 1) == 0:
+        slopes = power_of_two(n_heads)
+    else:
+        low = 1 << (n_heads.bit_length() - 1)
+        slopes = power_of_two(low) + power_of_two(2 * low)[0::2][: n_heads - low]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def alibi_bias(slopes: torch.Tensor, seq_len: int, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """[heads, L, L] additive scores -slope * |i - j| (symmetric: bidirectional and, under a causal mask, causal)."""
+    pos = torch.arange(seq_len, device=device)
+    dist = (pos[None, :] - pos[:, None]).abs().to(dtype)
+    return -slopes.to(device=device, dtype=dtype)[:, None, None] * dist
+
+
+@dataclass(frozen=True)
+class FlashKernels:
+    """The optional flash-attn entry points: ``func`` (dense batches), ``varlen`` (unpadded batches)."""
+
+    func: Callable | None
+    varlen: Callable | None = None
+
+
+def _full_key_mask(key_mask: torch.Tensor) -> torch.Tensor:
+    # a sample with no real token at all (a blanked corrupt sample) attends to everything: finite output
+    # (its positions carry no loss) instead of a softmax over an empty set (NaN, which would poison the loss)
+    return key_mask | ~key_mask.any(-1, keepdim=True)
+
+
+def _attend_flash(q, k, v, causal, dropout_p, kernels: FlashKernels, key_mask, slopes) -> torch.Tensor:
+    """flash-attn path; with a padding mask the batch is unpadded and run by the variable-length kernel."""
+    b, h, seq_len, d = q.shape
+    kw = {"dropout_p": dropout_p, "causal": causal}
+    if slopes is not None:
+        kw["alibi_slopes"] = slopes.to(device=q.device, dtype=torch.float32)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, L, H, D]
+    if key_mask is None:
+        return kernels.func(qt, kt, vt, **kw).reshape(b, seq_len, h * d)
+    lengths = key_mask.sum(-1, dtype=torch.int32)
+    idx = key_mask.reshape(-1).nonzero(as_tuple=True)[0]
+    cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    longest = int(lengths.max())
+    unpad = lambda t: t.reshape(b * seq_len, h, d).index_select(0, idx)  # noqa: E731
+    y = kernels.varlen(unpad(qt), unpad(kt), unpad(vt), cu, cu, longest, longest, **kw)
+    out = y.new_zeros(b * seq_len, h, d).index_copy(0, idx, y)  # padded positions: zeros
+    return out.reshape(b, seq_len, h * d)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float = 0.0, flash=None,
+           key_mask: torch.Tensor | None = None, alibi: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-head attention core: q, k, v [batch, heads, seq, head_dim] -> [batch, seq, heads * head_dim].
 
-    ``flash`` is ``flash_attn_func`` when the optional package is present (used for fp16/bf16 CUDA
-    tensors); torch SDPA otherwise (flash / memory-efficient kernels on GPU, math kernel on CPU).
+    ``key_mask`` [batch, seq] bool (True = a real token): padded keys get no weight, so padding changes no
+    other position's output.  ``alibi`` [heads] ALiBi slopes (scores -slope * |i - j|).
+
+    ``flash`` (:class:`FlashKernels`, or the bare ``flash_attn_func``) is used for fp16/bf16 CUDA tensors:
+    the dense kernel without padding, the variable-length kernel on the unpadded tokens with padding.
+    Otherwise torch SDPA: no mask -> flash / memory-efficient kernels on GPU, math on CPU; with padding or
+    ALiBi an explicit additive mask (memory-efficient or math kernel).
     """
     b, _, seq_len, _ = q.shape
-    if flash is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        y = flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, causal=causal)
-        return y.reshape(b, seq_len, -1)
-    y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
+    if flash is not None and not isinstance(flash, FlashKernels):
+        flash = FlashKernels(flash)
+    if key_mask is not None:
+        key_mask = _full_key_mask(key_mask.bool())
+    if (flash is not None and flash.func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and (key_mask is None or flash.varlen is not None)):
+        return _attend_flash(q, k, v, causal, dropout_p, flash, key_mask, alibi)
+    mask = None
+    if alibi is not None:
+        mask = alibi_bias(alibi, seq_len, q.dtype, q.device)[None]  # [1, H, L, L]
+    if key_mask is not None:
+        neg = torch.zeros(b, 1, 1, seq_len, dtype=q.dtype, device=q.device).masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        mask = neg if mask is None else mask + neg
+    if mask is not None and causal:
+        mask = mask.masked_fill(torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        causal = False
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
     return y.transpose(1, 2).reshape(b, seq_len, -1)
 
 
@@ -206,46 +289,67 @@ def gpt2_init_module(name: str, m: nn.Module, std: float, n_layers: int, residua
     return False
 
 
-class RopeAttention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection, RoPE and :func:`attend`.
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection and :func:`attend`: one module for every family.
 
-    Shared by the Transformer baseline and Evo 2's attention blocks.  The fused projection is laid
-    out **head-major**: output rows ``[h * 3 * head_dim + j * head_dim + i]`` hold component ``j``
-    (0 = q, 1 = k, 2 = v) of head ``h`` -- so any contiguous slice of whole heads is a complete
-    attention over those heads, and a tensor-parallel shard of ``qkv`` (column) is a contiguous row
-    slice, with no permutation on sharding or on save/load (checkpoints hold exactly this layout).
-    ``out`` is row-parallel; the head count is inferred from the local width.
+    ``position``: ``rope`` (rotary, with ``rope_base`` and ``rope_interpolation`` as separate knobs;
+    ``rope_stored``: the frequencies are a persistent buffer, as in released Evo 2 checkpoints),
+    ``alibi`` (per-head linear biases; the slopes are a non-persistent buffer that a tensor-parallel plan
+    slices with the heads) or ``none`` (positions come from the embedding, e.g. learned absolute ones).
+    ``forward(x, key_mask)`` takes the padding mask [batch, seq] (True = real token).
+
+    Shared by the Transformer family (NT-v1/v2, DNABERT-1/2, GENERator configs) and Evo 2's attention
+    blocks.  The fused projection is laid out **head-major**: output rows
+    ``[h * 3 * head_dim + j * head_dim + i]`` hold component ``j`` (0 = q, 1 = k, 2 = v) of head ``h`` --
+    so any contiguous slice of whole heads is a complete attention over those heads, and a
+    tensor-parallel shard of ``qkv`` (column) is a contiguous row slice, with no permutation on sharding
+    or on save/load (checkpoints hold exactly this layout).  ``out`` is row-parallel; the head count is
+    inferred from the local width.
     """
 
     def __init__(self, d_model: int, n_heads: int, *, causal: bool, qkv_bias: bool, out_bias: bool,
-                 rope_base: float, rope_interpolation: float, dropout: float = 0.0, flash=None,
-                 rope_stored: bool = False):
+                 rope_base: float = 10000.0, rope_interpolation: float = 1.0, dropout: float = 0.0, flash=None,
+                 position: str = "rope", rope_stored: bool = False):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"model.d_model={d_model} must be divisible by model.n_heads={n_heads}")
+        if position not in ("rope", "alibi", "none"):
+            raise ValueError(f"attention position={position!r}: allowed values are rope, alibi, none")
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
         self.causal = causal
         self.dropout = dropout
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=qkv_bias)
         self.out = nn.Linear(d_model, d_model, bias=out_bias)
-        self.rope = RotaryEmbedding(self.head_dim, rope_base, rope_interpolation, stored=rope_stored)
+        if rope_stored and position != "rope":
+            raise ValueError(f"attention rope_stored=True needs position=rope (got {position!r})")
+        self.rope = RotaryEmbedding(self.head_dim, rope_base, rope_interpolation, stored=rope_stored) if position == "rope" else None
+        if position == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(n_heads), persistent=False)
+        else:
+            self.alibi_slopes = None
         self.flash = flash
 
     def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v [batch, heads, seq, head_dim] from the fused projection (RoPE not applied)."""
-        b, seq_len, _ = x.shape
-        # head-major layout (see the class docstring); -1 instead of n_heads: a tensor-parallel shard
-        # holds a subset of the heads
-        q, k, v = self.qkv(x).view(b, seq_len, -1, 3, self.head_dim).permute(3, 0, 2, 1, 4)
+        qkv = self.qkv(x)
+        # shapes from the projection, not from x: under sequence parallelism x may be a slice of the sequence
+        # that the column-parallel projection gathers; head-major layout (see the class docstring); -1
+        # instead of n_heads: a tensor-parallel shard holds a subset of the heads
+        b, seq_len = qkv.shape[:2]
+        q, k, v = qkv.view(b, seq_len, -1, 3, self.head_dim).permute(3, 0, 2, 1, 4)
         return q, k, v
 
     decode_state = None  # a KV cache, set by glmtrain.models.decode while decoding
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.decode_state is not None:
             return self.decode_state.step(self, x)
         q, k, v = self.heads(x)
-        q, k = self.rope(q, k)
-        y = attend(q, k, v, self.causal, self.dropout if self.training else 0.0, self.flash)
+        if self.rope is not None:
+            q, k = self.rope(q, k)
+        y = attend(q, k, v, self.causal, self.dropout if self.training else 0.0, self.flash, key_mask, self.alibi_slopes)
         return self.out(y)
+
+
+RopeAttention = SelfAttention  # the name Evo 2's blocks import

@@ -20,7 +20,7 @@ this code.
   convolution, as one autograd function that saves only its inputs (the
   featurizer input, the filter, D) and recomputes everything else in backward.
   This is what lets the 1M-token HyenaDNA layer keep ~2.5 bytes/channel/token.
-* :func:`flash_attn_func` / :func:`causal_conv1d_fn` -- optional-import hooks
+* :func:`flash_attn_func` / :func:`flash_attn_varlen_func` / :func:`causal_conv1d_fn` -- optional-import hooks
   returning ``None`` when the package is absent.
 """
 
@@ -41,6 +41,16 @@ def flash_attn_func():
 
         return fn
     except Exception:  # ImportError, or a broken CUDA build
+        return None
+
+
+def flash_attn_varlen_func():
+    """``flash_attn.flash_attn_varlen_func`` (unpadded variable-length batches) if installed, else ``None``."""
+    try:
+        from flash_attn import flash_attn_varlen_func as fn  # type: ignore
+
+        return fn
+    except Exception:
         return None
 
 

@@ -24,7 +24,7 @@ def deepspeed_available() -> bool:
 
 def strategy_problem(run: Any) -> str | None:
     """The first reason ``run.strategy`` cannot run (one line), or None."""
-    from glmtrain.parallel.plans import plan_for, tp_problems
+    from glmtrain.parallel.plans import plan_for, sequence_parallel_problem, tp_problems
     from glmtrain.parallel.strategies import batch_plan, seq_tokens, topology
 
     s, t = run.strategy, run.trainer
@@ -45,6 +45,11 @@ def strategy_problem(run: Any) -> str | None:
         plan = plan_for(family)
         if plan is not None and plan.cp_refusal:
             return f"strategy.cp_size={s.cp_size}: model family {family!r} has no context parallelism ({plan.cp_refusal}); use cp_size=1"
+        pos, kind = getattr(run.model, "position", "rope"), run.model.tokenizer.kind
+        encoder_padding = not getattr(run.model, "causal", True) and kind in ("kmer", "kmer_overlap", "bpe")
+        if pos in ("alibi", "learned") or encoder_padding:
+            return (f"strategy.cp_size={s.cp_size}: ring attention supports neither the padding masks of an encoder on "
+                    f"model.tokenizer.kind={kind} nor ALiBi / learned positions (model.position={pos}); use cp_size=1")
     if s.name in ("fsdp", "tp"):
         plan = plan_for(family)
         if plan is None:
@@ -55,6 +60,8 @@ def strategy_problem(run: Any) -> str | None:
             return f"strategy.tp_size={topo.tp}: model family {family!r} has no tensor-parallel plan{why}; use strategy=fsdp with tp_size=1"
         if topo.world % topo.tp:
             return f"strategy.tp_size={topo.tp} does not divide the world size {topo.world} ({topo.describe().split(';')[0]})"
+        if topo.tp > 1 and s.sequence_parallel and sequence_parallel_problem(run.model):
+            return sequence_parallel_problem(run.model)
         if topo.tp > 1:
             L = seq_tokens(run)
             vocab = _vocab(run)

@@ -101,7 +101,9 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
 
 
 def _attention_forward(group):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if key_mask is not None:  # refused before launch (glmtrain.parallel.strategy_problem); never silently dropped
+            raise ValueError("context-parallel ring attention has no padding masks")
         rank = dist.get_rank(group)
         q, k, v = self.heads(x)
         q, k = self.rope(q, k, offset=rank * x.shape[1])  # global positions of this chunk

@@ -65,7 +65,9 @@ class Rowwise:
 
 @dataclass(frozen=True)
 class Norm:
-    pass
+    # block -> whether the norm's sequence-parallel output must be a plain local tensor: in a post-norm
+    # block the norm's output is the residual stream itself and meets row-parallel (local) outputs
+    local_output: Callable[[nn.Module], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,9 @@ class FamilyPlan:
     blocks: str = "blocks"  # ModuleList: one FSDP unit per element
     embed: str = "embed"
     head: str = "lm_head"
-    final_norm: str = "norm_f"
+    final_norm: str = "norm_f"  # may be None in a model (post-norm stacks end normalised)
+    # modules between the final norm and the head (an MLM head's dense + norm), in order; absent ones skipped
+    head_transform: tuple[str, ...] = ()
     tensor_parallel: bool = True  # False: FSDP/DDP only; strategy=tp is refused for the family
     tp_refusal: str = ""  # why a family without tensor parallelism has none (shown in the refusal)
     cp_refusal: str = ""  # non-empty: strategy.cp_size > 1 is refused for the family, for this reason
@@ -130,17 +134,24 @@ def _evo2_divisors(cfg: Any, vocab: int) -> list[tuple[str, int]]:
     return out
 
 
+def _post_norm(block: nn.Module) -> bool:
+    return bool(getattr(block, "post", False))
+
+
 PLANS: dict[str, FamilyPlan] = {
     # Plain pre-norm Transformer: head-major fused qkv -> whole heads per rank; GELU or SwiGLU MLP.
     "transformer": FamilyPlan(
         family="transformer",
         block_styles={
-            "norm1": Norm(), "norm2": Norm(),
+            "norm1": Norm(_post_norm), "norm2": Norm(_post_norm),
             "attn.qkv": Colwise(), "attn.out": Rowwise(),
             "mlp.fc1": Colwise(), "mlp.fc2": Rowwise(),
             "mlp.gate": Colwise(), "mlp.up": Colwise(), "mlp.down": Rowwise(),
+            # ALiBi: each rank keeps the slopes of its own (contiguous) heads
+            "attn": Local(buffers=("alibi_slopes",)),
         },
         tp_divisors=_transformer_divisors,
+        head_transform=("head_dense", "head_norm"),
     ),
     # HyenaDNA: the (channel-interleaved) input projection and the depthwise short conv shard by channel,
     # the long convolution too; the implicit filter's MLP is replicated and only its last layer (one
@@ -195,6 +206,15 @@ PLANS: dict[str, FamilyPlan] = {
 
 def plan_for(family: str) -> FamilyPlan | None:
     return PLANS.get(family)
+
+
+def sequence_parallel_problem(model_cfg: Any) -> str | None:
+    """Why the model's embedding stage cannot run on a slice of the sequence (one line), or None."""
+    if getattr(model_cfg, "embed_norm", False) or getattr(model_cfg, "position", "") == "learned":
+        return ("strategy.sequence_parallel=true: this model normalises or adds learned positions to the whole "
+                "embedded sequence before the blocks (model.embed_norm / model.position=learned); set "
+                "strategy.sequence_parallel=false")
+    return None
 
 
 def tp_problems(model_cfg: Any, vocab: int, tp: int, seq_len: int, sequence_parallel: bool, vocab_parallel: bool) -> list[str]:
@@ -331,7 +351,8 @@ def _tp_block(block: nn.Module, plan: FamilyPlan, tp_mesh, sequence_parallel: bo
             elif isinstance(style, Rowwise):
                 styles[name] = RowwiseParallel(output_layouts=act_in)
             elif isinstance(style, Norm) and sequence_parallel:
-                styles[name] = SequenceParallel()
+                local = bool(style.local_output and style.local_output(block))
+                styles[name] = SequenceParallel(use_local_output=local)
     for name, style in locals_:
         sub = block.get_submodule(name)
         present = [n for n in style.params if _has(sub, n)]
@@ -372,13 +393,18 @@ def _tp_top(model: nn.Module, plan: FamilyPlan, tp_mesh, sequence_parallel: bool
     act_in = seq if sequence_parallel else Replicate()
     top: dict[str, Any] = {}
     tied = getattr(model, plan.head).weight is getattr(model, plan.embed).weight
+    # an MLM head's transform (dense + norm) runs replicated on the gathered sequence
+    pre = [n for n in plan.head_transform if getattr(model, n, None) is not None]
+    gather = PrepareModuleInput(input_layouts=act_in, desired_input_layouts=Replicate(), use_local_output=True)
     if vocab_parallel:
         top[plan.embed] = RowwiseParallel(input_layouts=Replicate(), output_layouts=act_in)
-        top[plan.head] = ColwiseParallel(input_layouts=act_in, output_layouts=Replicate())
+        if pre:
+            top[pre[0]] = gather
+        top[plan.head] = ColwiseParallel(input_layouts=Replicate() if pre else act_in, output_layouts=Replicate())
     elif sequence_parallel:
         top[plan.embed] = PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=seq)
-        top[plan.head] = PrepareModuleInput(input_layouts=seq, desired_input_layouts=Replicate(), use_local_output=True)
-    if sequence_parallel:
+        top[pre[0] if pre else plan.head] = gather
+    if sequence_parallel and getattr(model, plan.final_norm, None) is not None:
         top[plan.final_norm] = SequenceParallel()
     if top:
         parallelize_module(model, tp_mesh, top, src_data_rank=None)

@@ -132,11 +132,10 @@ class BatchPlan:
 
 
 def seq_tokens(run: Any) -> int:
-    from glmtrain.tokenizers import build_tokenizer
-    from omegaconf import OmegaConf
+    from glmtrain.tokenizers import build_tokenizer, sample_tokens
 
-    tok = build_tokenizer(OmegaConf.to_container(OmegaConf.structured(run.model.tokenizer)))
-    return int(tok.token_length(run.data.window))
+    tok = build_tokenizer(run.model.tokenizer)
+    return int(sample_tokens(tok, run.data.window, run.data.window_tokens))
 
 
 def batch_plan(run: Any, dp: int, tokens_per_sample: int | None = None) -> BatchPlan:
