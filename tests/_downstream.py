@@ -85,11 +85,3 @@ def as_run(model_cfg) -> SimpleNamespace:
 
     return SimpleNamespace(model=model_cfg, objective=ObjectiveConfig(name="clm" if getattr(model_cfg, "causal", True) else "mlm"))
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these tensors are tiny, and on a shared CPU a second thread spinning costs 10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

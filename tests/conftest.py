@@ -247,3 +247,15 @@ def slurm():
             r = subprocess.run(["bash", str(stop)], capture_output=True, text=True, timeout=180)
             print(f"\n[slurm] stopped (rc {r.returncode}): {r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ''}")
         lock.close()  # releases the lock
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-shape tests (many small ops: a second thread on a shared 2-core
+    machine only adds OpenMP hand-offs; training runs use trainer.threads=1 too). Restored afterwards.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+

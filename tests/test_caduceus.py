@@ -23,18 +23,11 @@ from glmtrain.tokenizers import (ByteTokenizer, CharTokenizer, KmerTokenizer, To
                                  reverse_complement, reverse_complement_ids)
 from tests._util import SHARED, compose_run
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "tests" / "fixtures"
 REFERENCE = SHARED / "data" / "reference"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes, many small ops: one intra-op thread avoids OpenMP hand-offs (slow on a shared 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def scan_inputs(b, d, n, L, dtype=torch.float64, seed=0, delta_shift=0.0):

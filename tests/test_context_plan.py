@@ -20,14 +20,7 @@ from glmtrain.models import build_model
 from glmtrain.schedule import check
 from tests._util import compose_run
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops: one thread is fastest (and the plan measures with one); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_width_extrapolation_equals_a_direct_measurement():

@@ -34,6 +34,8 @@ from glmtrain.train import train
 from tests._util import compose_run
 from tests.conftest import ROOT, assert_same_training_state, child_env, cli_cmd, losses
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # a tiny HyenaDNA (d 32) and one thread: every stage is a fraction of a second on a CPU
 TINY = ["context=tiny_64_to_1k", "model=hyena", "model.d_model=32", "model.filter_order=16", "trainer.threads=1",
         "trainer.deterministic=true", "trainer.accelerator=cpu", "trainer.progress=none", "trainer.val_every=0",
@@ -55,15 +57,6 @@ def _sha(state_dict: dict) -> str:
 
 def _ckpt(run_dir: Path, step: int) -> dict:
     return torch.load(step_path(run_dir / "checkpoints", step), map_location="cpu", weights_only=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The runs use trainer.threads=1 (deterministic reductions); the evaluation too. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,9 @@ from glmtrain.downstream.families import inspect_model
 from glmtrain.downstream.heads import SequenceClassifier
 from glmtrain.downstream.peft_methods import adapter_parameters, apply_method
 
-from _downstream import one_thread, task, tiny  # noqa: F401  (autouse fixture)
+from _downstream import task, tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAMILIES = ["transformer", "encoder", "hyena", "evo2", "caduceus", "dnabert2"]  # the last two once they land
 

@@ -16,8 +16,10 @@ from glmtrain.config import ConfigError, validate
 from glmtrain.downstream.data import read_split
 from glmtrain.downstream.metrics import binary_auroc, classification_metrics, mcc
 
-from _downstream import GUE_TINY, fabricate_run, one_thread  # noqa: F401  (autouse fixture)
+from _downstream import GUE_TINY, fabricate_run
 from _util import SHARED, compose_cfg, compose_run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 GUE = SHARED / "data" / "benchmarks" / "gue"
 

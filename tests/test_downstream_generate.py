@@ -13,8 +13,10 @@ from glmtrain.downstream.generate import js_distance, kmer_spectrum, sequence_st
 from glmtrain.inference import _top_p, generate
 from glmtrain.models.decode import DecodeError, decoding
 
-from _downstream import fabricate_run, one_thread, tiny  # noqa: F401  (autouse fixture)
+from _downstream import fabricate_run, tiny
 from _util import compose_run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("family", ["hyena", "evo2", "transformer"])

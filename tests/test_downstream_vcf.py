@@ -20,7 +20,9 @@ from glmtrain.downstream.vcf import score_vcf
 from glmtrain.models.base import GenomicModel, ModelConfig
 from glmtrain.tokenizers import build_tokenizer
 
-from _downstream import one_thread, tiny  # noqa: F401  (autouse fixture)
+from _downstream import tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOK = build_tokenizer({"kind": "char"})
 A, C, G, T = (int(i) for i in TOK.encode("ACGT"))
