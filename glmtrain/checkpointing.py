@@ -306,7 +306,7 @@ class StepCheckpoint(L.Callback):
         if step == self._last_saved or step == 0:
             return
         self.last_path = step_path(self.dir, self.offset + step)
-        trainer.save_checkpoint(self.last_path, weights_only=False)  # collective; full state (optimizer, loops) for exact resume
+        trainer.save_checkpoint(self.last_path)  # collective: every rank calls it
         self._last_saved = step
         if trainer.is_global_zero and self.keep_last > 0:
             prune(self.dir, self.keep_last)
