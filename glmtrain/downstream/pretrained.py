@@ -49,16 +49,17 @@ def load_pretrained(spec: str, composed_model_cfg: Any, what: str = "task.init_f
     model_raw = dict(compat.get("model") or {})
     if "family" not in model_raw:
         raise CheckpointError(f"{what}={path}: the checkpoint's compatibility record has no model family")
-    # per-stage knobs (RoPE base / interpolation) are recorded with the stage the checkpoint was written in
-    stage = (compat.get("stages") or [{}])[-1]
-    for k in ("rope_base", "rope_interpolation"):
-        if k in stage and stage[k] is not None:
-            model_raw.setdefault(k, stage[k])
     from glmtrain.config import _merge
     from glmtrain.models import config_class
 
     try:
-        cfg = _merge(config_class(model_raw["family"]), model_raw, "model.")
+        cls = config_class(model_raw["family"])
+        # the family's per-stage knobs (e.g. RoPE) are recorded with the stage the checkpoint was written in
+        stage = (compat.get("stages") or [{}])[-1]
+        for k in cls.STAGE_KNOBS:
+            if stage.get(k) is not None:
+                model_raw.setdefault(k, stage[k])
+        cfg = _merge(cls, model_raw, "model.")
     except KeyError as e:
         raise CheckpointError(f"{what}={path}: {e.args[0]}") from None
     sd = {k[len("model."):]: v for k, v in ckpt_formats.load_full(Path(path))["state_dict"].items() if k.startswith("model.")}
