@@ -329,7 +329,156 @@ def evo2_net(c, vocab):
     return LMNet(vocab, d, blocks, RMSNorm(d, eps, c["rmsnorm"]))
 
 
+# ----------------------------------------------------------------------------- Caduceus (BiMamba, RC-equivariant)
+# glmtrain.models.caduceus re-stated without kernels: mamba-ssm 1.2's Mamba mixer with its selective scan as a
+# plain loop over positions, BiMamba, the pre-norm residual blocks and, for Caduceus-PS (rcps), the two strand
+# halves [fwd | rc] with shared weights.  The complement map (token id -> id of the complementary base) comes
+# from config.json ("complement_map"), as glmtrain derives it from the tokenizer.
+class MambaMixer(nn.Module):
+    """in_proj -> (x, z); x: depthwise causal conv + SiLU; x_proj -> (dt, B, C); delta = softplus(dt_proj(dt));
+    A = -exp(A_log); h[t] = exp(delta A) h[t-1] + delta B u; y = (C.h + D u) * silu(z); out_proj."""
+
+    def __init__(self, c):
+        super().__init__()
+        d, n = c["d_model"], c["d_state"]
+        di, r = c["expand"] * d, c["dt_rank"] or math.ceil(d / 16)
+        self.splits = (r, n, n)
+        self.in_proj = nn.Linear(d, 2 * di, bias=c["bias"])
+        self.conv1d = nn.Conv1d(di, di, c["d_conv"], groups=di, bias=c["conv_bias"])
+        self.x_proj = nn.Linear(di, r + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(r, di, bias=True)
+        self.A_log = nn.Parameter(torch.zeros(di, n))
+        self.D = nn.Parameter(torch.ones(di))
+        self.out_proj = nn.Linear(di, d, bias=c["bias"])
+
+    @staticmethod
+    def scan(u, delta, A, B, C, block: int = 256):
+        """States h [batch, d_inner, d_state] one position at a time; decays and inputs are formed for
+        ``block`` positions at once (memory O(block), not O(length)).  u, delta [b, L, di]; B, C [b, L, n]."""
+        h = u.new_zeros(u.shape[0], u.shape[2], A.shape[1])
+        ys = []
+        for t0 in range(0, u.shape[1], block):
+            sl = slice(t0, t0 + block)
+            decay = torch.exp(delta[:, sl, :, None] * A)
+            inp = (delta[:, sl] * u[:, sl])[..., None] * B[:, sl, None, :]
+            for t in range(decay.shape[1]):
+                h = decay[:, t] * h + inp[:, t]
+                ys.append((h * C[:, t0 + t, None, :]).sum(-1))
+        return torch.stack(ys, dim=1)
+
+    def forward(self, x):
+        dt = _compute_dtype(x)
+        xs, z = self.in_proj(x).chunk(2, dim=-1)
+        u = F.silu(self.conv1d(F.pad(xs.transpose(1, 2), (self.conv1d.kernel_size[0] - 1, 0)))).transpose(1, 2)
+        dtr, B, C = torch.split(self.x_proj(u), self.splits, dim=-1)
+        delta = F.softplus(self.dt_proj(dtr.to(self.dt_proj.weight.dtype)).to(dt))
+        A = -torch.exp(self.A_log.to(dt))
+        u = u.to(dt)
+        y = self.scan(u, delta, A, B.to(dt), C.to(dt)) + u * self.D.to(dt)
+        return self.out_proj((y * F.silu(z.to(dt))).to(x.dtype))
+
+
+class BiMamba(nn.Module):
+    """mamba_fwd(x) combined ("add" or "ew_multiply") with mamba_rev run on the length-reversed sequence;
+    ``bidirectional_weight_tie`` shares in_proj / out_proj between the two."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.strategy = c["bidirectional_strategy"]
+        self.mamba_fwd = MambaMixer(c)
+        self.mamba_rev = MambaMixer(c) if c["bidirectional"] else None
+        if self.mamba_rev is not None and c["bidirectional_weight_tie"]:
+            for proj in ("in_proj", "out_proj"):
+                setattr(self.mamba_rev, proj, getattr(self.mamba_fwd, proj))
+
+    def forward(self, x):
+        out = self.mamba_fwd(x)
+        if self.mamba_rev is None:
+            return out
+        rev = self.mamba_rev(x.flip(1)).flip(1)
+        return out + rev if self.strategy == "add" else out * rev
+
+
+def _rc_half(x):
+    """The reverse-complement view of a strand half: length and channels reversed."""
+    return x.flip(-2, -1)
+
+
+def _on_strands(module, x):
+    """Caduceus-PS: ``module`` on the forward half, and on the rc view of the rc half (mapped back)."""
+    d = x.shape[-1] // 2
+    return torch.cat([module(x[..., :d]), _rc_half(module(_rc_half(x[..., d:])))], dim=-1)
+
+
+class CaduceusBlock(nn.Module):
+    """residual = hidden + residual; hidden = mixer(norm(residual)).  PS with fused_add_norm (the released
+    checkpoints' Triton path) exchanges the two halves of hidden and residual first."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm = _norm(c["norm"], c["d_model"], c["norm_eps"])
+        self.mixer = BiMamba(c)
+        self.rcps, self.swap, self.fp32 = c["rcps"], c["rcps"] and c["fused_add_norm"], c["residual_in_fp32"]
+
+    def _apply(self, module, x):
+        return _on_strands(module, x) if self.rcps else module(x)
+
+    def forward(self, hidden, residual):
+        if self.swap:
+            hidden = hidden.roll(hidden.shape[-1] // 2, dims=-1)
+            residual = None if residual is None else residual.roll(residual.shape[-1] // 2, dims=-1)
+        residual = hidden if residual is None else hidden + residual
+        normed = self._apply(self.norm, residual.to(self.norm.weight.dtype))
+        if self.fp32:
+            residual = residual.float()
+        return self._apply(self.mixer, normed), residual
+
+
+class CaduceusNet(nn.Module):
+    """Embedding -> Caduceus blocks -> add + final norm -> LM head tied to the embedding.  PS: the hidden state is
+    [embed(x) | rc view of embed(rc(x))] and the logits W h_fwd + (W h_rc)[complement]; ``rc_average``
+    (Caduceus-Ph) averages with the logits of rc(x) mapped back (``eval``: when not training)."""
+
+    def __init__(self, c, vocab):
+        super().__init__()
+        d = c["d_model"]
+        self.rcps, self.rc_average = c["rcps"], c["rc_average"]
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(CaduceusBlock(c) for _ in range(c["n_layers"]))
+        self.norm_f = _norm(c["norm"], d, c["norm_eps"])
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        # a plain list, not a buffer: transformers re-creates non-persistent buffers uninitialised
+        self.complement_map = list(range(vocab))
+
+    def configure(self, config):
+        """The complement map from config.json (written by glmtrain's exporter from the tokenizer)."""
+        self.complement_map = [int(i) for i in getattr(config, "complement_map", None) or self.complement_map]
+
+    def _logits(self, ids):
+        comp = torch.as_tensor(self.complement_map, device=ids.device)
+        h = self.embed(ids)
+        if self.rcps:
+            h = torch.cat([h, _rc_half(self.embed(comp[ids.flip(-1)]))], dim=-1)
+        residual = None
+        for block in self.blocks:
+            h, residual = block(h, residual)
+        h = (h if residual is None else h + residual).to(self.norm_f.weight.dtype)
+        if not self.rcps:
+            return self.lm_head(self.norm_f(h))
+        h = _on_strands(self.norm_f, h)
+        d = h.shape[-1] // 2
+        return self.lm_head(h[..., :d]) + self.lm_head(h[..., d:].flip(-1))[..., comp]
+
+    def forward(self, ids, key_padding=None):  # no padding mask: like glmtrain and the reference, every id is read
+        logits = self._logits(ids)
+        if self.rc_average == "always" or (self.rc_average == "eval" and not self.training):
+            comp = torch.as_tensor(self.complement_map, device=ids.device)
+            logits = (logits + self._logits(comp[ids.flip(-1)]).flip(1)[..., comp]) / 2
+        return logits
+
+
 NETWORKS = {"transformer": transformer_net, "hyena": hyena_net, "evo2": evo2_net}
+NETWORKS["caduceus"] = CaduceusNet
 
 
 # ----------------------------------------------------------------------------- transformers wrappers
@@ -345,6 +494,8 @@ class GlmtrainPreTrainedModel(PreTrainedModel):
         super().__init__(config)
         c = config.glmtrain
         self.model = NETWORKS[config.family](c, config.vocab_size)
+        if hasattr(self.model, "configure"):  # values config.json holds outside the glmtrain model config
+            self.model.configure(config)
         self.post_init()
 
     def get_input_embeddings(self):

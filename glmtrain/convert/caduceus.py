@@ -249,7 +249,7 @@ def load_reference(path: str | Path, dtype: torch.dtype = torch.float32, **overr
 # ----------------------------------------------------------------------------- importer registry (issue 12)
 def _register() -> None:
     try:
-        from glmtrain.convert import Layout, Taker, register_layout  # type: ignore[attr-defined]
+        from glmtrain.convert import Exporter, Layout, Taker, register_exporter, register_layout  # type: ignore[attr-defined]
     except ImportError:  # the registry is not part of this checkout
         return
 
@@ -267,6 +267,19 @@ def _register() -> None:
 
     register_layout(Layout("caduceus-hf", "caduceus", match=lambda src: is_caduceus(src.tensors), read=read,
                            description="Caduceus-PS/Ph Hugging Face repositories (caduceus.backbone.*)"))
+    register_exporter(Exporter("caduceus", write=write_export))
+
+
+def write_export(model, out: Path, tok_cfg) -> dict:
+    """glmtrain's remote-code export (``AutoModelForMaskedLM``: Caduceus is bidirectional), plus the tokenizer's
+    complement map in config.json (``complement_map``; glmtrain derives it, so no tensor holds it)."""
+    from glmtrain.convert.hf import write_remote_code
+
+    files = write_remote_code(model, out, tok_cfg)
+    config = json.loads((out / "config.json").read_text())
+    config["complement_map"] = model.complement.tolist()
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return files
 
 
 _register()
