@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from glmtrain.convert import build_imported_model, load_released
+from glmtrain.convert import build_imported_model, init_from_released, load_released
 from glmtrain.models.caduceus import Caduceus, CaduceusConfig
 from glmtrain.tokenizers import TokenizerConfig, build_tokenizer
 from tests._util import ROOT, SHARED, compose_run
@@ -165,3 +165,7 @@ def test_cli_exports_a_caduceus_training_run(tmp_path):
         a, b = load_hf(out)(x).logits, model(x)
     assert rel(a, b) < 1e-5
     assert state_equal(build_imported_model(load_released(out))[0], model)
+    # trainer.init_from=<export>: a model differing only in init and scan-kernel knobs takes the weights
+    other = Caduceus(dataclasses.replace(model.cfg, scan_impl="sequential", dt_min=0.01, dt_init="constant"), model.vocab_size)
+    init_from_released(out, other, say=lambda line: None)
+    assert state_equal(other, model)

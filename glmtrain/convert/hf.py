@@ -38,6 +38,8 @@ NOT_CHECKED = {
     "filter_w", "train_freq", "mr_decay_preset", "mr_decay_fast", "mr_decay_slow", "mr_decay_target", "decay_fast",
     "decay_slow", "decay_target",
 }
+NOT_CHECKED |= {"dt_min", "dt_max", "dt_init", "dt_scale", "dt_init_floor", "rescale_prenorm_residual",  # Caduceus init
+                "n_residuals_per_layer", "scan_impl", "scan_chunk", "scan_block"}  # ... and scan kernel choices
 
 
 def model_config_dict(cfg: Any) -> dict:
