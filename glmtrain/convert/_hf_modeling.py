@@ -4,7 +4,7 @@
 #   AutoModelForMaskedLM.from_pretrained(path, trust_remote_code=True)   (bidirectional encoders)
 # The weights keep glmtrain's parameter names under the prefix "model.", so an export reads back
 # into glmtrain unchanged.  The networks below are plain, unfused re-statements of glmtrain's
-# families (the Transformer baseline, HyenaDNA, Evo 2 / StripedHyena 2) in float32 (or float64).
+# families (the Transformer baseline, HyenaDNA, Evo 2 / StripedHyena 2, Caduceus) in float32 (or float64).
 """glmtrain export: configuration and models for transformers' Auto classes (trust_remote_code)."""
 
 from __future__ import annotations
