@@ -91,6 +91,17 @@ def test_export_automodel_parity_tokenizer_and_round_trip(tmp_path, variant):
     # measured: fp32 2.5e-7 (PS) / 2.2e-7 (Ph), fp64 4e-16
     assert errors[torch.float32] < 1e-5 and errors[torch.float64] < 1e-10, errors
 
+    if variant == "ps":  # the complement map travels in config.json; without it the model refuses to load
+        config = json.loads((out / "config.json").read_text())
+        assert config.pop("complement_map") == model.complement.tolist()
+        bare = tmp_path / "bare"
+        bare.mkdir()
+        for f in out.iterdir():
+            (bare / f.name).write_bytes(f.read_bytes())
+        (bare / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ValueError, match="no complement_map"):
+            load_hf(bare)
+
     imp = load_released(out, family="caduceus")  # the export reads back into glmtrain unchanged
     again, cfg2, tok_cfg2, _ = build_imported_model(imp)
     assert imp.layout == "glmtrain-hf" and state_equal(again, model) and torch.equal(again.complement, model.complement)

@@ -452,7 +452,11 @@ class CaduceusNet(nn.Module):
 
     def configure(self, config):
         """The complement map from config.json (written by glmtrain's exporter from the tokenizer)."""
-        self.complement_map = [int(i) for i in getattr(config, "complement_map", None) or self.complement_map]
+        comp = getattr(config, "complement_map", None)
+        if comp is None and (self.rcps or self.rc_average != "none"):
+            raise ValueError("config.json has no complement_map, which Caduceus-PS and rc_average need; "
+                             "re-export with python -m glmtrain.convert export")
+        self.complement_map = [int(i) for i in comp or self.complement_map]
 
     def _logits(self, ids):
         comp = torch.as_tensor(self.complement_map, device=ids.device)
