@@ -303,13 +303,13 @@ def init_from_released(spec: str | Path, module: torch.nn.Module, say=print) -> 
     model.load_state_dict(state, strict=True)
     for line in summary(imp, recomputed):
         say(line)
-    tok = getattr(module, "tokenizer", None)
-    want = imp.tokenizer
-    if tok is not None and want:
-        differs = {k: v for k, v in want.items() if getattr(tok, k, v) != v}
-        if differs:
-            say("  note: the release scores sequences with tokenizer options "
-                + " ".join(f"model.tokenizer.{k}={v}" for k, v in want.items()) + " (this run differs)")
+    # compared config to config (the run's model.tokenizer): a tokenizer object's attributes are not its options
+    tok = getattr(getattr(getattr(module, "run", None), "model", None), "tokenizer", None)
+    have = dataclasses.asdict(tok) if dataclasses.is_dataclass(tok) else dict(tok or {})
+    differs = {k: v for k, v in imp.tokenizer.items() if k in have and have[k] != v}
+    if differs:
+        say("  note: the release scores sequences with tokenizer options "
+            + " ".join(f"model.tokenizer.{k}={v}" for k, v in differs.items()) + " (this run differs)")
     say("optimizer, schedule and data start fresh")
     return Path(spec)
 
