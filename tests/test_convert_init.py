@@ -66,6 +66,11 @@ def fasta(path: Path, names_texts: list[tuple[str, str]]) -> Path:
     return path
 
 
+def report(layout: str, first: float, ref: float) -> None:
+    """The numbers of docs/convert.md's table (``pytest -s tests/test_convert_init.py`` shows them)."""
+    print(f"\n{layout}: first-step loss {first:.9f}, reference {ref:.9f}, relative difference {abs(first - ref) / ref:.1e}")
+
+
 def reference_loss(ids: torch.Tensor, logits: torch.Tensor, scored: torch.Tensor) -> float:
     """The reference model's next-token loss with glmtrain's loss weights (targets that are A/C/G/T bases)."""
     nll = -torch.log_softmax(logits.double()[:-1], -1).gather(-1, ids[1:, None])[:, 0]
@@ -103,7 +108,9 @@ def test_hyenadna_hf_layout_trains_from_release_then_resumes_its_own_checkpoint(
     ref = load_file(HYENA_FIX / "logits.safetensors")
     ids = ref["seq0.input_ids"]  # [CLS] seq0 [SEP], as the official tokenizer encodes it
     scored = (ids[1:] >= 7) & (ids[1:] <= 10)  # A C G T
-    assert step == 1 and first == pytest.approx(reference_loss(ids, ref["seq0.logits.float32"], scored), rel=1e-6)
+    ref_loss = reference_loss(ids, ref["seq0.logits.float32"], scored)
+    report("hyenadna-hf", first, ref_loss)
+    assert step == 1 and first == pytest.approx(ref_loss, rel=1e-6)
     # the same command again, one step longer: the run continues from its own checkpoint, the release is not re-read
     init = json.loads((tmp / "run" / "run.json").read_text())["stages"][0]["init_sha256"]
     result, said = run([*args, "trainer.max_steps=2"])
@@ -149,6 +156,7 @@ def test_evo2_vortex_layout_trains_from_release(evo2):
     result, said = run([*model, f"trainer.init_from={EVO2_FIX}", f"run_dir={tmp / 'vortex'}", *data])
     assert result["steps"] == 1 and "(evo2-vortex)" in said and "tokenizer options" not in said  # the run's are the release's
     [(_, first)] = logged_losses(tmp / "vortex")
+    report("evo2-vortex", first, ref_loss)
     assert first == pytest.approx(ref_loss, rel=EVO2_REL)
 
 
@@ -171,6 +179,7 @@ def test_glmtrain_import_dir_trains_with_the_printed_command_then_resumes(evo2):
     result, said = run(args)
     assert result["steps"] == 1 and "(glmtrain-hf)" in said and "tokenizer options" not in said
     [(_, first)] = logged_losses(tmp / "imported_run")
+    report("glmtrain-hf", first, ref_loss)
     assert first == pytest.approx(ref_loss, rel=EVO2_REL)
     result, said = run([*args, "trainer.max_steps=2"])
     assert result["steps"] == 2 and "glmtrain: imported" not in said and "is not used: this run resumes from its own checkpoint" in said
