@@ -7,7 +7,8 @@
 ``<source>``: a weights file (``.safetensors``, ``weights.ckpt``, ``.pt``, ``pytorch_model.bin``) or the
 directory holding it with its released config (``config.json`` / ``config.yml``).  ``<out>``: a
 directory (a Hugging Face directory: config.json, model.safetensors, tokenizer, modeling code,
-import.json) or a ``.safetensors`` file.  Either is accepted by ``trainer.init_from=<out>``.
+import.json) or a ``.safetensors`` file.  Either is accepted by ``trainer.init_from=<out>``; ``import``
+prints the command to train from it (the closest shipped model config and the overrides it needs).
 Problems are reported on one line (exit status 2); nothing is written before the import succeeded.
 """
 
