@@ -336,3 +336,160 @@ def test_init_from_fixture_first_step_loss_equals_reference_then_export_run(tmp_
     assert float((a - b).norm() / b.norm()) < 1e-5 and not torch.allclose(b[0], logits.float(), atol=1e-6)
     assert json.loads((out / "tokenizer_config.json").read_text())["glmtrain_tokenizer"]["add_sep"] is True
     assert np.isfinite(first)
+
+
+# ----------------------------------------------------------------------------- point 5: every Transformer variant
+def _model_from_yaml(name: str, tmp_path: Path):
+    """The shipped conf/model/<name>.yaml, random (perturbed) weights; a bpe config gets a tiny trained vocabulary."""
+    import dataclasses
+    import random
+
+    from omegaconf import OmegaConf
+
+    from glmtrain.cli import CONF_DIR
+    from glmtrain.models import build_model, config_class
+    from glmtrain.tokenizers import build_tokenizer, train_bpe
+
+    raw = OmegaConf.load(Path(CONF_DIR) / "model" / f"{name}.yaml")
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(config_class(raw.family)), raw))
+    if cfg.tokenizer.kind == "bpe":
+        rng = random.Random(0)
+        motifs = ["".join(rng.choice("ACGT") for _ in range(rng.randint(2, 7))) for _ in range(30)]
+        train_bpe(("".join(rng.choice(motifs) for _ in range(300)) for _ in range(40)), vocab_size=96,
+                  out=str(tmp_path / "bpe.json"))
+        cfg.tokenizer.path, cfg.tokenizer.vocab_size = str(tmp_path / "bpe.json"), 96
+    tok = build_tokenizer(dataclasses.asdict(cfg.tokenizer))
+    torch.manual_seed(0)
+    model = build_model(cfg, tok.vocab_size).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # norms, biases, gates: nothing matches by accident
+    return cfg, tok, model
+
+
+@pytest.mark.parametrize("name,hf_class", [
+    ("nt_v1", "EsmForMaskedLM"), ("nt_v2", "NtEsmForMaskedLM"), ("dnabert2", "GlmtrainForMaskedLM"),
+    ("dnabert1", "GlmtrainForMaskedLM"), ("generator", "GlmtrainForCausalLM"), ("transformer_encoder", "GlmtrainForMaskedLM"),
+])
+def test_every_transformer_variant_exports_to_an_auto_class(tmp_path, name, hf_class):
+    """NT-v1 -> transformers' own EsmForMaskedLM; NT-v2 -> its released ESM layout + NT's gated MLP (remote
+    code); DNABERT-1/2 (post-LN, ALiBi, gated GELU, BPE / overlapping k-mers), GENERator and the encoder
+    baseline -> glmtrain's modeling file.  Logits on a padded batch equal glmtrain's in fp32 and fp64,
+    AutoTokenizer gives glmtrain's ids, and the export reads back bit for bit."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    from glmtrain.convert.hf import export_model
+
+    cfg, tok, model = _model_from_yaml(name, tmp_path)
+    out = tmp_path / "hf"
+    export_model(model, out, cfg.tokenizer)
+    hf = (AutoModelForCausalLM if cfg.causal else AutoModelForMaskedLM).from_pretrained(out, trust_remote_code=True).eval()
+    assert type(hf).__name__ == hf_class
+    seq = "ACGTTGCAacgtNNACGTRYACGGATCCATGACGTTAGCATCGATCGGATTTACGACGATCGTAGCTAGCTAGGGCATCAGCAGCTAG" * 2
+    ids = tok.encode_window(seq)[0]
+    text = " ".join(seq[i:i + tok.k] for i in range(len(seq) - tok.k + 1)) if tok.name == "kmer_overlap" else seq
+    assert AutoTokenizer.from_pretrained(out, trust_remote_code=True)(text)["input_ids"] == ids.tolist()
+    x = torch.as_tensor(ids)[None].repeat(2, 1)
+    am = torch.ones_like(x)
+    x[1, -9:], am[1, -9:] = tok.pad_id, 0
+    real = am.bool()
+    # transformers' ESM keeps its rotary frequencies in fp32 (a buffer it computes itself): fp64 agrees to ~2e-7 there
+    fp64_tol = 1e-6 if hf_class.endswith("EsmForMaskedLM") and cfg.position == "rope" else 1e-12
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, fp64_tol)):
+        with torch.no_grad():
+            ours = model.to(dtype)(x, am)
+            theirs = hf.to(dtype)(input_ids=x, attention_mask=am).logits
+        n = min(ours.shape[-1], theirs.shape[-1])
+        assert n >= tok.n_tokens
+        a, b = theirs[..., :n][real], ours[..., :n][real]
+        assert float((a - b).norm() / b.norm()) < tol, (name, dtype)
+    again = load_released(out, family="transformer")
+    assert state_equal(build_imported_model(again, dtype=torch.float64)[0], model)
+
+
+def _nt_v2_release(path: Path, cfg, tok):
+    """A checkpoint in the released NT-v2 layout (InstaDeepAI nucleotide-transformer-v2-*: ESM names, 4,107 ids,
+    ``add_bias_fnn: false``, a GLU in ``intermediate.dense``, the unused 2,050-row position table, the contact
+    head), made with transformers' EsmForMaskedLM whose MLPs are swapped for NT's; returns that reference model."""
+    from torch import nn
+    from transformers import EsmForMaskedLM
+
+    from glmtrain.convert.nt import esm_config
+
+    class NtGlu(nn.Module):
+        def __init__(self, d, ffn):
+            super().__init__()
+            self.dense = nn.Linear(d, 2 * ffn, bias=False)
+
+        def forward(self, h):
+            first, second = self.dense(h).chunk(2, dim=-1)
+            return torch.nn.functional.silu(first) * second
+
+    conf = esm_config(cfg, tok.n_tokens, hf_class=False)
+    torch.manual_seed(1)
+    ref = EsmForMaskedLM(conf)
+    for layer in ref.esm.encoder.layer:
+        layer.intermediate = NtGlu(conf.hidden_size, conf.intermediate_size)
+        layer.output.dense = nn.Linear(conf.intermediate_size, conf.hidden_size, bias=False)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.1)
+    ref = ref.double().eval()
+    path.mkdir()
+    released = {k: v.float().contiguous() for k, v in ref.state_dict().items() if not k.endswith("inv_freq")}
+    released["esm.embeddings.position_embeddings.weight"] = torch.randn(2050, cfg.d_model)
+    released["esm.contact_head.regression.weight"] = torch.randn(1, cfg.n_layers * cfg.n_heads)
+    released["esm.contact_head.regression.bias"] = torch.randn(1)
+    save_file(released, path / "model.safetensors", metadata={"format": "pt"})
+    c = conf.to_dict()
+    c.update(max_position_embeddings=2050, add_bias_fnn=False, architectures=["EsmForMaskedLM"],
+             auto_map={"AutoModelForMaskedLM": "modeling_esm.EsmForMaskedLM"})
+    (path / "config.json").write_text(json.dumps(c))
+    (path / "vocab.txt").write_text("\n".join(tok.vocab()) + "\n")
+    return ref.float()
+
+
+def test_nt_v2_release_imports_through_the_command_and_init_from(tmp_path, capsys):
+    """Point 4: the released NT-v2 layout imports into model=nt_v2 (names, GLU split, the unused position table and
+    contact head dropped with their reasons), logits equal the reference's; the import's export is NT's layout
+    again and loads in AutoModelForMaskedLM; a model that does not fit is refused with one line."""
+    from transformers import AutoModelForMaskedLM
+
+    from glmtrain.convert import ConvertError, init_from_released
+    from glmtrain.convert.__main__ import main
+    from glmtrain.models import build_model
+
+    run = compose_run(["model=nt_v2", "objective=mlm"])
+    tok = __import__("glmtrain.tokenizers", fromlist=["build_tokenizer"]).build_tokenizer(vars(run.model.tokenizer))
+    ref = _nt_v2_release(tmp_path / "release", run.model, tok)
+    x = torch.as_tensor(np.stack([tok.encode_window("ATTCCGATTCCGATTCCAACGGATNATTCC" * 4)[0]] * 2))
+    x[0, 3] = tok.mask_id
+    am = torch.ones_like(x)
+    x[1, -5:], am[1, -5:] = tok.pad_id, 0
+    real = am.bool()
+    with torch.no_grad():
+        want = ref(input_ids=x, attention_mask=am).logits
+    out = tmp_path / "imported"
+    assert main(["import", "transformer", str(tmp_path / "release"), str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "model=nt_v2 " in text and "dropped 2: contact-prediction head" in text
+    assert "dropped 1: absolute position table a rotary model never reads" in text
+    report = json.loads((out / "import.json").read_text())
+    assert report["layout"] == "esm-hf" and report["tokenizer"]["kind"] == "kmer"
+    # trainer.init_from's function, on the configured model=nt_v2
+    model = build_model(run.model, tok.vocab_size).eval()
+    init_from_released(tmp_path / "release", model, say=lambda _: None)
+    hf = AutoModelForMaskedLM.from_pretrained(out, trust_remote_code=True).eval()
+    with torch.no_grad():
+        ours, exported = model(x, am)[..., : tok.n_tokens], hf(input_ids=x, attention_mask=am).logits[..., : tok.n_tokens]
+    for got in (ours, exported):
+        assert float((got[real] - want[real]).norm() / want[real].norm()) < 1e-5
+    assert json.loads((out / "config.json").read_text())["add_bias_fnn"] is False
+    assert state_equal(build_imported_model(load_released(out))[0], model)  # import -> export -> glmtrain: unchanged
+    small = compose_run(["model=nt_v2", "objective=mlm", "model.ffn_dim=256"]).model
+    with pytest.raises(ConvertError, match=r"model\.ffn_dim=256, but .* was published with 512") as e:
+        init_from_released(tmp_path / "release", build_model(small, tok.vocab_size))
+    assert "\n" not in str(e.value)
+    (tmp_path / "release" / "vocab.txt").write_text("\n".join(reversed(tok.vocab())) + "\n")
+    with pytest.raises(ConvertError, match=r"vocab\.txt: token 0 is .*ids would not mean the same tokens"):
+        load_released(tmp_path / "release")

@@ -60,6 +60,8 @@ def load_run(src: str | Path):
     else:
         run = validate(full["hyper_parameters"]["config"])
     tok_cfg = run.model.tokenizer
+    if tok_cfg.kind == "bpe" and not tok_cfg.path:  # the run's own vocabulary
+        tok_cfg = dataclasses.replace(tok_cfg, path=str(run_dir / "tokenizer.json"))
     model = build_model(run.model, build_tokenizer(dataclasses.asdict(tok_cfg)).vocab_size)
     sd = {k[len("model."):]: v for k, v in full["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(sd, strict=True)
