@@ -106,13 +106,11 @@ def tiny_model(name: str, tmp: Path):
     """conf/model/<name>.yaml with its own initialisation, every parameter perturbed (norms and biases too)."""
     import dataclasses
 
-    from omegaconf import OmegaConf
-
-    from glmtrain.models import build_model, config_class
+    from glmtrain.convert.__main__ import shipped_model_config
+    from glmtrain.models import build_model
     from glmtrain.tokenizers import build_tokenizer, train_bpe
 
-    raw = OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml")
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(config_class(raw.family)), raw))
+    cfg = shipped_model_config(name)
     if cfg.tokenizer.kind == "bpe":
         g = torch.Generator().manual_seed(0)
         seqs = ["".join("ACGT"[i] for i in torch.randint(0, 4, (3000,), generator=g)) for _ in range(20)]

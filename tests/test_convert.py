@@ -344,14 +344,11 @@ def _model_from_yaml(name: str, tmp_path: Path):
     import dataclasses
     import random
 
-    from omegaconf import OmegaConf
-
-    from glmtrain.cli import CONF_DIR
-    from glmtrain.models import build_model, config_class
+    from glmtrain.convert.__main__ import shipped_model_config
+    from glmtrain.models import build_model
     from glmtrain.tokenizers import build_tokenizer, train_bpe
 
-    raw = OmegaConf.load(Path(CONF_DIR) / "model" / f"{name}.yaml")
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(config_class(raw.family)), raw))
+    cfg = shipped_model_config(name)
     if cfg.tokenizer.kind == "bpe":
         rng = random.Random(0)
         motifs = ["".join(rng.choice("ACGT") for _ in range(rng.randint(2, 7))) for _ in range(30)]
@@ -411,30 +408,17 @@ def _nt_v2_release(path: Path, cfg, tok):
     """A checkpoint in the released NT-v2 layout (InstaDeepAI nucleotide-transformer-v2-*: ESM names, 4,107 ids,
     ``add_bias_fnn: false``, a GLU in ``intermediate.dense``, the unused 2,050-row position table, the contact
     head), made with transformers' EsmForMaskedLM whose MLPs are swapped for NT's; returns that reference model."""
-    from torch import nn
     from transformers import EsmForMaskedLM
 
     from glmtrain.convert.nt import esm_config
-
-    class NtGlu(nn.Module):
-        def __init__(self, d, ffn):
-            super().__init__()
-            self.dense = nn.Linear(d, 2 * ffn, bias=False)
-
-        def forward(self, h):
-            first, second = self.dense(h).chunk(2, dim=-1)
-            return torch.nn.functional.silu(first) * second
+    from tests.test_encoders import _nt_v2_as_esm
 
     conf = esm_config(cfg, tok.n_tokens, hf_class=False)
     torch.manual_seed(1)
-    ref = EsmForMaskedLM(conf)
-    for layer in ref.esm.encoder.layer:
-        layer.intermediate = NtGlu(conf.hidden_size, conf.intermediate_size)
-        layer.output.dense = nn.Linear(conf.intermediate_size, conf.hidden_size, bias=False)
+    ref = _nt_v2_as_esm(EsmForMaskedLM(conf))
     with torch.no_grad():
         for p in ref.parameters():
             p.normal_(0, 0.1)
-    ref = ref.double().eval()
     path.mkdir()
     released = {k: v.float().contiguous() for k, v in ref.state_dict().items() if not k.endswith("inv_freq")}
     released["esm.embeddings.position_embeddings.weight"] = torch.randn(2050, cfg.d_model)

@@ -21,19 +21,28 @@ from pathlib import Path
 from glmtrain.convert import ConvertError, build_imported_model, check_config, exporters, is_released, layouts, load_released, summary
 
 
-def matching_model_configs(imp) -> list[str]:
-    """Names of the shipped ``conf/model/*.yaml`` of the import's family that fit the release."""
+def shipped_model_config(name: str | Path):
+    """The model config of a shipped ``conf/model/<name>.yaml`` (or of a yaml file), schema defaults filled in."""
     from omegaconf import OmegaConf
 
     from glmtrain.cli import CONF_DIR
     from glmtrain.models import config_class
 
+    raw = OmegaConf.load(name if isinstance(name, Path) else Path(CONF_DIR) / "model" / f"{name}.yaml")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(config_class(raw.family)), raw))
+
+
+def matching_model_configs(imp) -> list[str]:
+    """Names of the shipped ``conf/model/*.yaml`` of the import's family that fit the release."""
+    from omegaconf import OmegaConf
+
+    from glmtrain.cli import CONF_DIR
+
     out = []
     for path in sorted((Path(CONF_DIR) / "model").glob("*.yaml")):
-        raw = OmegaConf.load(path)
-        if raw.get("family") != imp.family:
+        if OmegaConf.load(path).get("family") != imp.family:
             continue
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(config_class(imp.family)), raw))
+        cfg = shipped_model_config(path)
         try:
             check_config(imp, cfg)
         except ConvertError:
