@@ -23,6 +23,17 @@ from pathlib import Path
 from glmtrain.convert import ConvertError, build_imported_model, check_config, exporters, is_released, layouts, load_released, summary
 
 
+def shipped_model_config(name: str | Path):
+    """The model config of a shipped ``conf/model/<name>.yaml`` (or of a yaml file), schema defaults filled in."""
+    from omegaconf import OmegaConf
+
+    from glmtrain.cli import CONF_DIR
+    from glmtrain.models import config_class
+
+    raw = OmegaConf.load(name if isinstance(name, Path) else Path(CONF_DIR) / "model" / f"{name}.yaml")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(config_class(raw.family)), raw))
+
+
 def model_config_overrides(imp) -> dict[str, list[str]]:
     """For each shipped ``conf/model/*.yaml`` of the import's family: the overrides that make it take the
     release -- the model keys the release fixes (those that follow from others left out: ``mlp_dim: 0``
@@ -31,14 +42,12 @@ def model_config_overrides(imp) -> dict[str, list[str]]:
 
     from glmtrain.cli import CONF_DIR
     from glmtrain.convert import _config_values, _same
-    from glmtrain.models import config_class
 
     out = {}
     for path in sorted((Path(CONF_DIR) / "model").glob("*.yaml")):
-        raw = OmegaConf.load(path)
-        if raw.get("family") != imp.family:
+        if OmegaConf.load(path).get("family") != imp.family:
             continue
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(config_class(imp.family)), raw))
+        cfg = shipped_model_config(path)
         need = {k: v for k, v in imp.config.items() if not any(_same(h, v) for h in _config_values(cfg, k))}
         for key in list(need):
             rest = {k: v for k, v in need.items() if k != key}
@@ -95,6 +104,8 @@ def load_run(src: str | Path):
     else:
         run = validate(full["hyper_parameters"]["config"])
     tok_cfg = run.model.tokenizer
+    if tok_cfg.kind == "bpe" and not tok_cfg.path:  # the run's own vocabulary
+        tok_cfg = dataclasses.replace(tok_cfg, path=str(run_dir / "tokenizer.json"))
     model = build_model(run.model, build_tokenizer(dataclasses.asdict(tok_cfg)).vocab_size)
     sd = {k[len("model."):]: v for k, v in full["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(sd, strict=True)
