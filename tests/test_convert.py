@@ -584,3 +584,11 @@ def test_dnabert2_release_imports_and_exports(tmp_path, capsys):
     init_from_released(rel, target, say=lambda _: None)
     with torch.no_grad():
         assert float((target(x, am)[real] - want[real]).norm() / want[real].norm()) < 1e-6
+    # a run whose BPE vocabulary is its own (trained on its data), not the release's: refused, not silently wrong
+    own = tmp_path / "own-tokenizer.json"
+    train_bpe(("".join(rng.choice("ACGT") for _ in range(2000)) for _ in range(30)), vocab_size=96, out=str(own))
+    run_like = torch.nn.Module()
+    run_like.model = target
+    run_like.tokenizer = build_tokenizer({"kind": "bpe", "vocab_size": 96, "path": str(own)})
+    with pytest.raises(ConvertError, match=r"BPE vocabulary .* is not the release's .*set model\.tokenizer\.path="):
+        init_from_released(rel, run_like)
