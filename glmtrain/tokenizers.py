@@ -512,7 +512,8 @@ class BpeTokenizer(Tokenizer):
                                  "change model.tokenizer.* or clean the input")
         if not len(c):
             return np.zeros(0, dtype=np.int64)
-        return np.asarray(self._load().encode(c.tobytes().decode("ascii")).ids, dtype=np.int64)
+        # no post-processing: a vocabulary file exported with [CLS]/[SEP] templates (glmtrain.convert) adds none here
+        return np.asarray(self._load().encode(c.tobytes().decode("ascii"), add_special_tokens=False).ids, dtype=np.int64)
 
     def decode(self, ids: Iterable[int]) -> str:
         self._load()

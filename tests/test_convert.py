@@ -336,3 +336,259 @@ def test_init_from_fixture_first_step_loss_equals_reference_then_export_run(tmp_
     assert float((a - b).norm() / b.norm()) < 1e-5 and not torch.allclose(b[0], logits.float(), atol=1e-6)
     assert json.loads((out / "tokenizer_config.json").read_text())["glmtrain_tokenizer"]["add_sep"] is True
     assert np.isfinite(first)
+
+
+# ----------------------------------------------------------------------------- point 5: every Transformer variant
+def _model_from_yaml(name: str, tmp_path: Path):
+    """The shipped conf/model/<name>.yaml, random (perturbed) weights; a bpe config gets a tiny trained vocabulary."""
+    import dataclasses
+    import random
+
+    from glmtrain.convert.__main__ import shipped_model_config
+    from glmtrain.models import build_model
+    from glmtrain.tokenizers import build_tokenizer, train_bpe
+
+    cfg = shipped_model_config(name)
+    if cfg.tokenizer.kind == "bpe":
+        rng = random.Random(0)
+        motifs = ["".join(rng.choice("ACGT") for _ in range(rng.randint(2, 7))) for _ in range(30)]
+        train_bpe(("".join(rng.choice(motifs) for _ in range(300)) for _ in range(40)), vocab_size=96,
+                  out=str(tmp_path / "bpe.json"))
+        cfg.tokenizer.path, cfg.tokenizer.vocab_size = str(tmp_path / "bpe.json"), 96
+    tok = build_tokenizer(dataclasses.asdict(cfg.tokenizer))
+    torch.manual_seed(0)
+    model = build_model(cfg, tok.vocab_size).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # norms, biases, gates: nothing matches by accident
+    return cfg, tok, model
+
+
+@pytest.mark.parametrize("name,hf_class", [
+    ("nt_v1", "EsmForMaskedLM"), ("nt_v2", "NtEsmForMaskedLM"), ("dnabert2", "GlmtrainForMaskedLM"),
+    ("dnabert1", "GlmtrainForMaskedLM"), ("generator", "GlmtrainForCausalLM"), ("transformer_encoder", "GlmtrainForMaskedLM"),
+])
+def test_every_transformer_variant_exports_to_an_auto_class(tmp_path, name, hf_class):
+    """NT-v1 -> transformers' own EsmForMaskedLM; NT-v2 -> its released ESM layout + NT's gated MLP (remote
+    code); DNABERT-1/2 (post-LN, ALiBi, gated GELU, BPE / overlapping k-mers), GENERator and the encoder
+    baseline -> glmtrain's modeling file.  Logits on a padded batch equal glmtrain's in fp32 and fp64,
+    AutoTokenizer gives glmtrain's ids, and the export reads back bit for bit."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    from glmtrain.convert.hf import export_model
+
+    cfg, tok, model = _model_from_yaml(name, tmp_path)
+    out = tmp_path / "hf"
+    export_model(model, out, cfg.tokenizer)
+    hf = (AutoModelForCausalLM if cfg.causal else AutoModelForMaskedLM).from_pretrained(out, trust_remote_code=True).eval()
+    assert type(hf).__name__ == hf_class
+    seq = "ACGTTGCAacgtNNACGTRYACGGATCCATGACGTTAGCATCGATCGGATTTACGACGATCGTAGCTAGCTAGGGCATCAGCAGCTAG" * 2
+    ids = tok.encode_window(seq)[0]
+    text = " ".join(seq[i:i + tok.k] for i in range(len(seq) - tok.k + 1)) if tok.name == "kmer_overlap" else seq
+    assert AutoTokenizer.from_pretrained(out, trust_remote_code=True)(text)["input_ids"] == ids.tolist()
+    x = torch.as_tensor(ids)[None].repeat(2, 1)
+    am = torch.ones_like(x)
+    x[1, -9:], am[1, -9:] = tok.pad_id, 0
+    real = am.bool()
+    # transformers' ESM keeps its rotary frequencies in fp32 (a buffer it computes itself): fp64 agrees to ~2e-7 there
+    fp64_tol = 1e-6 if hf_class.endswith("EsmForMaskedLM") and cfg.position == "rope" else 1e-12
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, fp64_tol)):
+        with torch.no_grad():
+            ours = model.to(dtype)(x, am)
+            theirs = hf.to(dtype)(input_ids=x, attention_mask=am).logits
+        n = min(ours.shape[-1], theirs.shape[-1])
+        assert n >= tok.n_tokens
+        a, b = theirs[..., :n][real], ours[..., :n][real]
+        assert float((a - b).norm() / b.norm()) < tol, (name, dtype)
+    again = load_released(out, family="transformer")
+    assert state_equal(build_imported_model(again, dtype=torch.float64)[0], model)
+
+
+def _nt_v2_release(path: Path, cfg, tok):
+    """A checkpoint in the released NT-v2 layout (InstaDeepAI nucleotide-transformer-v2-*: ESM names, 4,107 ids,
+    ``add_bias_fnn: false``, a GLU in ``intermediate.dense``, the unused 2,050-row position table, the contact
+    head), made with transformers' EsmForMaskedLM whose MLPs are swapped for NT's; returns that reference model."""
+    from transformers import EsmForMaskedLM
+
+    from glmtrain.convert.nt import esm_config
+    from tests.test_encoders import _nt_v2_as_esm
+
+    conf = esm_config(cfg, tok.n_tokens, hf_class=False)
+    torch.manual_seed(1)
+    ref = _nt_v2_as_esm(EsmForMaskedLM(conf))
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.1)
+    path.mkdir()
+    released = {k: v.float().contiguous() for k, v in ref.state_dict().items() if not k.endswith("inv_freq")}
+    released["esm.embeddings.position_embeddings.weight"] = torch.randn(2050, cfg.d_model)
+    released["esm.contact_head.regression.weight"] = torch.randn(1, cfg.n_layers * cfg.n_heads)
+    released["esm.contact_head.regression.bias"] = torch.randn(1)
+    save_file(released, path / "model.safetensors", metadata={"format": "pt"})
+    c = conf.to_dict()
+    c.update(max_position_embeddings=2050, add_bias_fnn=False, architectures=["EsmForMaskedLM"],
+             auto_map={"AutoModelForMaskedLM": "modeling_esm.EsmForMaskedLM"})
+    (path / "config.json").write_text(json.dumps(c))
+    (path / "vocab.txt").write_text("\n".join(tok.vocab()) + "\n")
+    return ref.float()
+
+
+def test_nt_v2_release_imports_through_the_command_and_init_from(tmp_path, capsys):
+    """Point 4: the released NT-v2 layout imports into model=nt_v2 (names, GLU split, the unused position table and
+    contact head dropped with their reasons), logits equal the reference's; the import's export is NT's layout
+    again and loads in AutoModelForMaskedLM; a model that does not fit is refused with one line."""
+    from transformers import AutoModelForMaskedLM
+
+    from glmtrain.convert import ConvertError, init_from_released
+    from glmtrain.convert.__main__ import main
+    from glmtrain.models import build_model
+
+    run = compose_run(["model=nt_v2", "objective=mlm"])
+    tok = __import__("glmtrain.tokenizers", fromlist=["build_tokenizer"]).build_tokenizer(vars(run.model.tokenizer))
+    ref = _nt_v2_release(tmp_path / "release", run.model, tok)
+    x = torch.as_tensor(np.stack([tok.encode_window("ATTCCGATTCCGATTCCAACGGATNATTCC" * 4)[0]] * 2))
+    x[0, 3] = tok.mask_id
+    am = torch.ones_like(x)
+    x[1, -5:], am[1, -5:] = tok.pad_id, 0
+    real = am.bool()
+    with torch.no_grad():
+        want = ref(input_ids=x, attention_mask=am).logits
+    out = tmp_path / "imported"
+    assert main(["import", "transformer", str(tmp_path / "release"), str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "model=nt_v2 " in text and "dropped 2: contact-prediction head" in text
+    assert "dropped 1: absolute position table a rotary model never reads" in text
+    report = json.loads((out / "import.json").read_text())
+    assert report["layout"] == "esm-hf" and report["tokenizer"]["kind"] == "kmer"
+    # trainer.init_from's function, on the configured model=nt_v2
+    model = build_model(run.model, tok.vocab_size).eval()
+    init_from_released(tmp_path / "release", model, say=lambda _: None)
+    hf = AutoModelForMaskedLM.from_pretrained(out, trust_remote_code=True).eval()
+    with torch.no_grad():
+        ours, exported = model(x, am)[..., : tok.n_tokens], hf(input_ids=x, attention_mask=am).logits[..., : tok.n_tokens]
+    for got in (ours, exported):
+        assert float((got[real] - want[real]).norm() / want[real].norm()) < 1e-5
+    assert json.loads((out / "config.json").read_text())["add_bias_fnn"] is False
+    assert state_equal(build_imported_model(load_released(out))[0], model)  # import -> export -> glmtrain: unchanged
+    small = compose_run(["model=nt_v2", "objective=mlm", "model.ffn_dim=256"]).model
+    with pytest.raises(ConvertError, match=r"model\.ffn_dim=256, but .* was published with 512") as e:
+        init_from_released(tmp_path / "release", build_model(small, tok.vocab_size))
+    assert "\n" not in str(e.value)
+    (tmp_path / "release" / "vocab.txt").write_text("\n".join(reversed(tok.vocab())) + "\n")
+    with pytest.raises(ConvertError, match=r"vocab\.txt: token 0 is .*ids would not mean the same tokens"):
+        load_released(tmp_path / "release")
+
+
+def _mosaic_bert_logits(t: dict, c: dict, ids: torch.Tensor, am: torch.Tensor) -> torch.Tensor:
+    """DNABERT-2's masked-LM (MosaicBERT ``bert_layers.py``) restated from its published description in the
+    release's own names, independent of glmtrain's modules: embedding + token type 0 -> LayerNorm; per layer
+    Wqkv rows [(q, k, v), head, head_dim], scores / sqrt(head_dim) - slope * |i - j| - 10000 on padding, post-LN
+    residuals, gated_layers halves gelu(first) * second -> wo; head dense -> gelu -> LayerNorm -> decoder."""
+    F = torch.nn.functional
+    d, heads = c["hidden_size"], c["num_attention_heads"]
+    hd, n = d // heads, ids.shape[1]
+    ln = lambda x, p: F.layer_norm(x, (d,), t[p + ".weight"], t[p + ".bias"], 1e-12)  # noqa: E731
+    x = ln(t["bert.embeddings.word_embeddings.weight"][ids] + t["bert.embeddings.token_type_embeddings.weight"][0],
+           "bert.embeddings.LayerNorm")
+    slopes = torch.tensor([(2 ** (-8 / heads)) ** (i + 1) for i in range(heads)], dtype=x.dtype)
+    pos = torch.arange(n)
+    bias = -slopes[:, None, None] * (pos[None, :] - pos[:, None]).abs() + (1.0 - am[:, None, None, :].to(x.dtype)) * -10000.0
+    for i in range(c["num_hidden_layers"]):
+        p = f"bert.encoder.layer.{i}."
+        qkv = F.linear(x, t[p + "attention.self.Wqkv.weight"], t[p + "attention.self.Wqkv.bias"]).view(*ids.shape, 3, heads, hd)
+        q, k, v = (qkv[:, :, j].transpose(1, 2) for j in range(3))
+        att = torch.softmax(q @ k.transpose(-1, -2) / hd ** 0.5 + bias, -1) @ v
+        att = F.linear(att.transpose(1, 2).reshape(x.shape), t[p + "attention.output.dense.weight"], t[p + "attention.output.dense.bias"])
+        x = ln(att + x, p + "attention.output.LayerNorm")
+        gated, plain = F.linear(x, t[p + "mlp.gated_layers.weight"]).chunk(2, dim=-1)
+        x = ln(F.linear(F.gelu(gated) * plain, t[p + "mlp.wo.weight"], t[p + "mlp.wo.bias"]) + x, p + "mlp.layernorm")
+    h = ln(F.gelu(F.linear(x, t["cls.predictions.transform.dense.weight"], t["cls.predictions.transform.dense.bias"])),
+           "cls.predictions.transform.LayerNorm")
+    return F.linear(h, t["cls.predictions.decoder.weight"], t["cls.predictions.decoder.bias"])
+
+
+def test_dnabert2_release_imports_and_exports(tmp_path, capsys):
+    """A checkpoint in DNABERT-2's released names and shapes (MosaicBERT, tokenizer.json next to it): logits equal
+    the MosaicBERT forward restated above (fp64), the token-type row folded in (so the import is untied and
+    model=dnabert2 is refused with one line until tie_embeddings=false), and the export loads in
+    AutoModelForMaskedLM with the release's own tokenizer."""
+    import random
+
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from glmtrain.convert import ConvertError, init_from_released
+    from glmtrain.convert.__main__ import main
+    from glmtrain.models import build_model
+    from glmtrain.tokenizers import build_tokenizer, train_bpe
+
+    rel = tmp_path / "DNABERT-2-117M"
+    rel.mkdir()
+    rng = random.Random(0)
+    train_bpe(("".join(rng.choice("ACGT") for _ in range(2000)) for _ in range(30)), vocab_size=96, out=str(rel / "tokenizer.json"))
+    c = {"model_type": "bert", "architectures": ["BertForMaskedLM"], "hidden_size": 128, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "intermediate_size": 512, "vocab_size": 96, "hidden_act": "gelu", "layer_norm_eps": 1e-12,
+         "alibi_starting_size": 512, "type_vocab_size": 2, "pad_token_id": 0, "hidden_dropout_prob": 0.1,
+         "auto_map": {"AutoModelForMaskedLM": "bert_layers.BertForMaskedLM"}}
+    (rel / "config.json").write_text(json.dumps(c))
+    g = torch.Generator().manual_seed(0)
+    shapes = {"bert.embeddings.word_embeddings.weight": (96, 128), "bert.embeddings.token_type_embeddings.weight": (2, 128),
+              "cls.predictions.transform.dense.weight": (128, 128), "cls.predictions.decoder.bias": (96,)}
+    for n in ("bert.embeddings.LayerNorm", "cls.predictions.transform.LayerNorm"):
+        shapes.update({f"{n}.weight": (128,), f"{n}.bias": (128,)})
+    shapes["cls.predictions.transform.dense.bias"] = (128,)
+    for i in range(2):
+        p = f"bert.encoder.layer.{i}."
+        shapes.update({p + "attention.self.Wqkv.weight": (384, 128), p + "attention.self.Wqkv.bias": (384,),
+                       p + "attention.output.dense.weight": (128, 128), p + "attention.output.dense.bias": (128,),
+                       p + "mlp.gated_layers.weight": (1024, 128), p + "mlp.wo.weight": (128, 512), p + "mlp.wo.bias": (128,)})
+        for n in ("attention.output.LayerNorm", "mlp.layernorm"):
+            shapes.update({f"{p}{n}.weight": (128,), f"{p}{n}.bias": (128,)})
+    t = {k: 0.1 * torch.randn(s, generator=g, dtype=torch.float64) for k, s in shapes.items()}
+    for k in t:
+        if "LayerNorm.weight" in k or "layernorm.weight" in k:
+            t[k] += 1.0
+    t["cls.predictions.decoder.weight"] = t["bert.embeddings.word_embeddings.weight"]  # tied, stored twice
+    save_file({k: v.float().contiguous().clone() for k, v in t.items()}, rel / "model.safetensors")
+    t = {k: v.float().double() for k, v in t.items()}  # the values as stored
+
+    tok = build_tokenizer({"kind": "bpe", "vocab_size": 96, "add_cls": True, "add_sep": True, "path": str(rel / "tokenizer.json")})
+    seq = "".join(rng.choice("ACGT") for _ in range(300))
+    x = torch.as_tensor(np.stack([tok.encode_window(seq)[0]] * 2))
+    am = torch.ones_like(x)
+    x[1, -6:], am[1, -6:] = tok.pad_id, 0
+    real = am.bool()
+    want = _mosaic_bert_logits(t, c, x, am)
+
+    out = tmp_path / "imported"
+    assert main(["import", "transformer", str(rel), str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "token-type row 0 folded into the input embedding" in text and "model.tie_embeddings=false" in text
+    imp = load_released(rel)
+    assert imp.layout == "dnabert2-hf" and imp.tokenizer["path"] == str(rel / "tokenizer.json")
+    model = build_imported_model(imp, dtype=torch.float64)[0]
+    with torch.no_grad():
+        got = model(x, am)
+    # fp64 maths; the folded embedding (word + type-0 row) is rounded to fp32 once, as it is stored: ~3e-8
+    assert float((got[real] - want[real]).norm() / want[real].norm()) < 1e-6
+    hf = AutoModelForMaskedLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert AutoTokenizer.from_pretrained(out, trust_remote_code=True)(seq)["input_ids"] == x[0].tolist()
+    with torch.no_grad():
+        exported = hf(input_ids=x, attention_mask=am).logits.double()
+    assert float((exported[real] - want[real]).norm() / want[real].norm()) < 1e-5
+    run = compose_run(["model=dnabert2", "objective=mlm"]).model
+    with pytest.raises(ConvertError, match=r"model\.tie_embeddings=True, but .* was published with False") as e:
+        init_from_released(rel, build_model(run, tok.vocab_size))
+    assert "\n" not in str(e.value)
+    untied = compose_run(["model=dnabert2", "objective=mlm", "model.tie_embeddings=false", "model.tokenizer.vocab_size=96"]).model
+    target = build_model(untied, tok.vocab_size).double().eval()
+    init_from_released(rel, target, say=lambda _: None)
+    with torch.no_grad():
+        assert float((target(x, am)[real] - want[real]).norm() / want[real].norm()) < 1e-6
+    # a run whose BPE vocabulary is its own (trained on its data), not the release's: refused, not silently wrong
+    own = tmp_path / "own-tokenizer.json"
+    train_bpe(("".join(rng.choice("ACGT") for _ in range(2000)) for _ in range(30)), vocab_size=96, out=str(own))
+    run_like = torch.nn.Module()
+    run_like.model = target
+    run_like.tokenizer = build_tokenizer({"kind": "bpe", "vocab_size": 96, "path": str(own)})
+    with pytest.raises(ConvertError, match=r"BPE vocabulary .* is not the release's .*set model\.tokenizer\.path="):
+        init_from_released(rel, run_like)

@@ -300,18 +300,34 @@ def init_from_released(spec: str | Path, module: torch.nn.Module, say=print) -> 
     model = getattr(module, "model", module)
     imp = load_released(spec, family=model.cfg.family)
     state, recomputed = fit(imp, model)
+    _check_vocabulary(imp, getattr(module, "tokenizer", None))
     model.load_state_dict(state, strict=True)
     for line in summary(imp, recomputed):
         say(line)
-    tok = getattr(module, "tokenizer", None)
-    want = imp.tokenizer
-    if tok is not None and want:
-        differs = {k: v for k, v in want.items() if getattr(tok, k, v) != v}
-        if differs:
-            say("  note: the release scores sequences with tokenizer options "
-                + " ".join(f"model.tokenizer.{k}={v}" for k, v in want.items()) + " (this run differs)")
+    # compared config to config (the run's model.tokenizer): a tokenizer object's attributes are not its options
+    tok = getattr(getattr(getattr(module, "run", None), "model", None), "tokenizer", None)
+    have = dataclasses.asdict(tok) if dataclasses.is_dataclass(tok) else dict(tok or {})
+    differs = {k: v for k, v in imp.tokenizer.items() if k in have and have[k] != v}
+    if differs:
+        say("  note: the release scores sequences with tokenizer options "
+            + " ".join(f"model.tokenizer.{k}={v}" for k, v in differs.items()) + " (this run differs)")
     say("optimizer, schedule and data start fresh")
     return Path(spec)
+
+
+def _check_vocabulary(imp: Imported, tok: Any) -> None:
+    """A release with its own vocabulary file (DNABERT-2's BPE) only fits a run that tokenizes with that file:
+    otherwise the ids index other embedding rows and the weights are silently meaningless."""
+    path = imp.tokenizer.get("path")
+    if imp.tokenizer.get("kind") != "bpe" or not path or getattr(tok, "name", None) != "bpe":
+        return
+    from tokenizers import Tokenizer as HFTokenizer
+
+    theirs = HFTokenizer.from_file(str(path)).get_vocab()
+    ours = dict(zip(tok.vocab(), range(10**9)))
+    if ours != theirs:
+        raise ConvertError(f"the run's BPE vocabulary ({tok.path}) is not the release's ({path}): the ids would index "
+                           f"other embedding rows; set model.tokenizer.path={path}")
 
 
 def is_released(spec: str | Path) -> bool:

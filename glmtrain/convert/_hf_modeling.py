@@ -4,7 +4,8 @@
 #   AutoModelForMaskedLM.from_pretrained(path, trust_remote_code=True)   (bidirectional encoders)
 # The weights keep glmtrain's parameter names under the prefix "model.", so an export reads back
 # into glmtrain unchanged.  The networks below are plain, unfused re-statements of glmtrain's
-# families (the Transformer baseline, HyenaDNA, Evo 2 / StripedHyena 2, Caduceus) in float32 (or float64).
+# families (the Transformer family: baseline, NT, DNABERT-2, GENERator; HyenaDNA; Evo 2 / StripedHyena 2;
+# Caduceus) in float32 (or float64).
 """glmtrain export: configuration and models for transformers' Auto classes (trust_remote_code)."""
 
 from __future__ import annotations
@@ -100,45 +101,77 @@ class Rope(nn.Module):
         return rot(q).to(q.dtype), rot(k).to(k.dtype)
 
 
+def _alibi_slopes(n: int) -> torch.Tensor:
+    """ALiBi head slopes (Press et al.): 2^(-8/n), 2^(-16/n), ... for a power-of-two head count; otherwise those
+    of the next lower power of two followed by every other slope of twice that."""
+
+    def pow2(m):
+        return [(2 ** (-8 / m)) ** (i + 1) for i in range(m)]
+
+    if n & (n - 1) == 0:
+        return torch.tensor(pow2(n), dtype=torch.float32)
+    low = 1 << (n.bit_length() - 1)
+    return torch.tensor(pow2(low) + pow2(2 * low)[0::2][: n - low], dtype=torch.float32)
+
+
 class Attention(nn.Module):
-    def __init__(self, d, heads, causal, qkv_bias, out_bias, rope_base, rope_interpolation, rope_stored):
+    """Fused-qkv self-attention; ``position``: rope (rotate-half), alibi (scores - slope * |i - j|) or none."""
+
+    def __init__(self, d, heads, causal, qkv_bias, out_bias, rope_base, rope_interpolation, rope_stored, position="rope"):
         super().__init__()
         self.heads, self.hd, self.causal = heads, d // heads, causal
         self.qkv = nn.Linear(d, 3 * d, bias=qkv_bias)
         self.out = nn.Linear(d, d, bias=out_bias)
-        self.rope = Rope(d // heads, rope_base, rope_interpolation, rope_stored)
+        self.rope = Rope(d // heads, rope_base, rope_interpolation, rope_stored) if position == "rope" else None
+        self.alibi = position == "alibi"  # slopes computed in forward (from_pretrained builds modules on meta)
 
     def forward(self, x, key_padding=None):
         b, n, d = x.shape
         # fused rows head-major: [head, (q, k, v), head_dim]
         q, k, v = self.qkv(x).view(b, n, self.heads, 3, self.hd).permute(3, 0, 2, 1, 4)
-        q, k = self.rope(q, k)
+        if self.rope is not None:
+            q, k = self.rope(q, k)
         mask = None
-        if key_padding is not None and not self.causal:
-            mask = key_padding[:, None, None, :].bool()
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal)
+        if self.alibi:
+            pos = torch.arange(n, device=x.device)
+            dist = (pos[None, :] - pos[:, None]).abs().to(q.dtype)
+            mask = (-_alibi_slopes(self.heads).to(device=x.device, dtype=q.dtype)[:, None, None] * dist)[None]
+        if key_padding is not None and not bool(key_padding.bool().all()):
+            real = key_padding.bool()
+            real = real | ~real.any(-1, keepdim=True)  # a row of padding only attends to everything (finite)
+            pad = torch.zeros(b, 1, 1, n, dtype=q.dtype, device=x.device).masked_fill(~real[:, None, None, :], float("-inf"))
+            mask = pad if mask is None else mask + pad
+        causal = self.causal
+        if mask is not None and causal:
+            mask = mask.masked_fill(torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+            causal = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return self.out(y.transpose(1, 2).reshape(b, n, d))
 
 
+_ACT = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "identity": lambda t: t}
+
+
 class GatedMLP(nn.Module):
-    def __init__(self, d, hidden, bias, act):
+    def __init__(self, d, hidden, bias, act, out_bias=None):
         super().__init__()
-        self.gate, self.up, self.down = nn.Linear(d, hidden, bias=bias), nn.Linear(d, hidden, bias=bias), nn.Linear(hidden, d, bias=bias)
+        self.gate, self.up = nn.Linear(d, hidden, bias=bias), nn.Linear(d, hidden, bias=bias)
+        self.down = nn.Linear(hidden, d, bias=bias if out_bias is None else out_bias)
         self.act = act
 
     def forward(self, x):
-        g = self.gate(x)
-        g = {"silu": F.silu, "gelu": F.gelu, "identity": lambda t: t}[self.act](g)
-        return self.down(g * self.up(x))
+        return self.down(_ACT[self.act](self.gate(x)) * self.up(x))
 
 
 class GeluMLP(nn.Module):
-    def __init__(self, d, hidden, bias):
+    def __init__(self, d, hidden, bias, out_bias=None, approximate="tanh"):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(d, hidden, bias=bias), nn.Linear(hidden, d, bias=bias)
+        self.fc1 = nn.Linear(d, hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, d, bias=bias if out_bias is None else out_bias)
+        self.approximate = approximate
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
 
 
 def _norm(kind, d, eps):
@@ -178,17 +211,87 @@ class LMNet(nn.Module):
         return self.lm_head(self.norm_f(x))
 
 
-# ----------------------------------------------------------------------------- Transformer baseline
+# ----------------------------------------------------------------------------- Transformer family
+class TransformerBlock(nn.Module):
+    """Pre-norm (GPT, ESM, NT, Llama) or post-norm (BERT, DNABERT-2: norm after each residual add)."""
+
+    def __init__(self, c):
+        super().__init__()
+        d, b = c["d_model"], c["bias"]
+        attn_bias = b if c.get("attn_bias") is None else c["attn_bias"]
+        mlp_bias = b if c.get("mlp_bias") is None else c["mlp_bias"]
+        out_bias = mlp_bias if c.get("mlp_out_bias") is None else c["mlp_out_bias"]
+        pos = c.get("position", "rope")
+        self.post = c.get("norm_position", "pre") == "post"
+        self.norm1, self.norm2 = _norm(c["norm"], d, c["norm_eps"]), _norm(c["norm"], d, c["norm_eps"])
+        self.attn = Attention(d, c["n_heads"], c["causal"], attn_bias, attn_bias, c["rope_base"], c["rope_interpolation"],
+                              False, pos if pos in ("rope", "alibi") else "none")
+        exact = c.get("gelu", "tanh") == "exact"
+        if c["mlp"] == "gelu":
+            self.mlp = GeluMLP(d, _ffn(c), mlp_bias, out_bias, "none" if exact else "tanh")
+        else:
+            act = "silu" if c["mlp"] == "swiglu" else ("gelu" if exact else "gelu_tanh")
+            self.mlp = GatedMLP(d, _ffn(c), mlp_bias, act, out_bias)
+
+    def forward(self, x, key_padding=None):
+        if self.post:
+            x = self.norm1(x + self.attn(x, key_padding))
+            return self.norm2(x + self.mlp(x))
+        x = x + self.attn(self.norm1(x), key_padding)
+        return x + self.mlp(self.norm2(x))
+
+
+def _ffn(c):
+    if c["ffn_dim"]:
+        return c["ffn_dim"]
+    return 64 * math.ceil(8 * c["d_model"] / 3 / 64) if c["mlp"] in ("swiglu", "geglu") else 4 * c["d_model"]
+
+
+class TransformerNet(nn.Module):
+    """Embedding (+ learned positions, + ESM token dropout, + embedding norm) -> blocks -> final norm (pre-norm
+    stacks) -> LM head (linear, or the ESM/BERT MLM head: dense -> exact GELU -> norm -> decoder + bias)."""
+
+    def __init__(self, c, vocab):
+        super().__init__()
+        d = c["d_model"]
+        self.c = c
+        self.embed = nn.Embedding(vocab, d)
+        if c.get("position") == "learned":
+            self.pos_embed = nn.Embedding(c["max_seq_len"], d)
+        if c.get("embed_norm"):
+            self.embed_norm = _norm(c["norm"], d, c["norm_eps"])
+        self.blocks = nn.ModuleList(TransformerBlock(c) for _ in range(c["n_layers"]))
+        if c.get("norm_position", "pre") == "pre":
+            self.norm_f = _norm(c["norm"], d, c["norm_eps"])
+        mlm = c.get("head", "linear") == "mlm"
+        if mlm:
+            self.head_dense, self.head_norm = nn.Linear(d, d), _norm(c["norm"], d, c["norm_eps"])
+        self.lm_head = nn.Linear(d, vocab, bias=mlm)
+
+    def forward(self, ids, key_padding=None):
+        c = self.c
+        x = self.embed(ids)
+        if c.get("token_dropout"):  # ESM: <mask> rows zeroed, the rest rescaled to the training-time expectation
+            is_mask = ids == c.get("mask_token_id", 2)
+            x = x.masked_fill(is_mask[..., None], 0.0)
+            n = key_padding.sum(-1) if key_padding is not None else torch.full_like(ids[:, 0], ids.shape[1])
+            observed = is_mask.sum(-1).to(x.dtype) / n.to(x.dtype)
+            x = x * ((1 - 0.15 * 0.8) / (1 - observed))[:, None, None].to(x.dtype)
+        if hasattr(self, "pos_embed"):
+            x = x + self.pos_embed(torch.arange(ids.shape[1], device=ids.device))
+        if hasattr(self, "embed_norm"):
+            x = self.embed_norm(x)
+        for b in self.blocks:
+            x = b(x, key_padding)
+        if hasattr(self, "norm_f"):
+            x = self.norm_f(x)
+        if hasattr(self, "head_dense"):
+            x = self.head_norm(F.gelu(self.head_dense(x)))
+        return self.lm_head(x)
+
+
 def transformer_net(c, vocab):
-    d = c["d_model"]
-    hidden = c["ffn_dim"] or (64 * math.ceil(8 * d / 3 / 64) if c["mlp"] == "swiglu" else 4 * d)
-
-    def block():
-        attn = Attention(d, c["n_heads"], c["causal"], c["bias"], c["bias"], c["rope_base"], c["rope_interpolation"], False)
-        mlp = GatedMLP(d, hidden, c["bias"], "silu") if c["mlp"] == "swiglu" else GeluMLP(d, hidden, c["bias"])
-        return Block(_norm(c["norm"], d, c["norm_eps"]), attn, _norm(c["norm"], d, c["norm_eps"]), mlp, "attn")
-
-    return LMNet(vocab, d, [block() for _ in range(c["n_layers"])], _norm(c["norm"], d, c["norm_eps"]))
+    return TransformerNet(c, vocab)
 
 
 # ----------------------------------------------------------------------------- HyenaDNA
@@ -528,3 +631,37 @@ class GlmtrainForMaskedLM(GlmtrainPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
         loss, logits = self._loss_and_logits(input_ids, attention_mask, labels, shift=False)
         return MaskedLMOutput(loss=loss, logits=logits)
+
+
+# ----------------------------------------------------------------------------- NT-v2 in its released layout
+class _NtGlu(nn.Module):
+    """NT-v2's MLP input: one bias-free Linear d -> 2 * ffn; silu(first half) * second half."""
+
+    def __init__(self, d, ffn):
+        super().__init__()
+        self.dense = nn.Linear(d, 2 * ffn, bias=False)
+
+    def forward(self, x):
+        first, second = self.dense(x).chunk(2, dim=-1)
+        return F.silu(first) * second
+
+
+def _nt_esm_class():
+    from transformers import EsmForMaskedLM
+
+    class NtEsmForMaskedLM(EsmForMaskedLM):
+        """transformers' ESM (embeddings, rotary attention, norms, MLM head) with NT-v2's gated MLP where the
+        config says ``add_bias_fnn: false`` (the layout of the InstaDeepAI nucleotide-transformer-v2 files)."""
+
+        def __init__(self, config):
+            super().__init__(config)
+            if getattr(config, "add_bias_fnn", True) is False:
+                for layer in self.esm.encoder.layer:
+                    layer.intermediate = _NtGlu(config.hidden_size, config.intermediate_size)
+                    layer.output.dense = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+                self.post_init()
+
+    return NtEsmForMaskedLM
+
+
+NtEsmForMaskedLM = _nt_esm_class()

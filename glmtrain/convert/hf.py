@@ -89,12 +89,45 @@ def write_tokenizer(tok_cfg: Any, out: Path) -> list[str]:
         split = Regex(f"[ACGT]{{{tok.k}}}|.")  # runs of unambiguous bases in k-mers, everything else single
         special = {"unk_token": "<unk>", "pad_token": "<pad>", "mask_token": "<mask>", "cls_token": "<cls>",
                    "eos_token": "<eos>", "bos_token": "<bos>"}
+    elif tok.name == "kmer_overlap":
+        # DNABERT's convention: the caller passes the overlapping k-mers separated by spaces
+        # ("ACGTAC CGTACG ..."); a k-mer with anything but A/C/G/T is [UNK], as in glmtrain
+        vocab = {t: i for i, t in enumerate(tok.vocab())}
+        unk = "[UNK]"
+        for b in range(256):
+            c = int(tok._code[b])
+            if 0 <= c <= 4 and "ACGTN"[c] != chr(b) and chr(b) != " ":
+                replace[chr(b)] = "ACGTN"[c]  # lowercase folded, ambiguity codes -> N (a k-mer with N is [UNK])
+        notes.append("input: overlapping k-mers separated by spaces (DNABERT's convention), e.g. "
+                     "' '.join(seq[i:i + k] for i in range(len(seq) - k + 1))")
+        special = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+                   "mask_token": "[MASK]"}
+    elif tok.name == "bpe":
+        vocab = None
+        special = {"unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]",
+                   "mask_token": "[MASK]"}
     else:
         raise ConvertError(f"model.tokenizer.kind={tok.name}: no Hugging Face tokenizer export for it yet")
-    ht = Tokenizer(WordLevel(vocab=vocab, unk_token=unk))
+    if tok.name == "bpe":  # the run's own vocabulary file, with glmtrain's character policy in front of it
+        if not tok.path or not Path(tok.path).is_file():
+            raise ConvertError(f"model.tokenizer.path={tok.path or '(unset)'}: the bpe vocabulary to export is missing "
+                               "(a run keeps it as <run_dir>/tokenizer.json)")
+        ht = Tokenizer.from_file(str(tok.path))
+        cfg = {**cfg, "path": ""}  # the export's own tokenizer.json is the vocabulary (set again on reading it back)
+        tok._load()
+        replace = {chr(b): chr(int(tok._code[b])) for b in range(256)
+                   if int(tok._code[b]) and chr(int(tok._code[b])) != chr(b)}
+        if (tok._code == 0).any():
+            notes.append("characters glmtrain's bpe tokenizer refuses (lowercase/iupac/unknown=error) are kept as they are")
+        vocab = ht.get_vocab()
+    else:
+        ht = Tokenizer(WordLevel(vocab=vocab, unk_token=unk))
     if replace:
         ht.normalizer = normalizers.Sequence([normalizers.Replace(a, b) for a, b in sorted(replace.items())])
-    ht.pre_tokenizer = pre_tokenizers.Split(split, behavior="isolated")
+    if tok.name == "kmer_overlap":
+        ht.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    elif tok.name != "bpe":  # bpe: the vocabulary file's own (none: a whole sequence is one word)
+        ht.pre_tokenizer = pre_tokenizers.Split(split, behavior="isolated")
     if tok.add_cls or tok.add_sep:  # the run's class/separator tokens around every sequence (released HyenaDNA: both)
         name = {i: t for t, i in vocab.items()}
         head = [name[tok.cls_id]] if tok.add_cls else []
@@ -212,7 +245,13 @@ def _read_own(src: Released) -> Imported:
             resolve = getattr(built, f"resolved_{k}", None)
             config[k] = resolve() if callable(resolve) else v
     settings = {k: v for k, v in mc.items() if k in NOT_CHECKED and k != "tokenizer"}
-    return tk.finish(family=family, config=config, settings=settings, tokenizer=dict(tok or mc.get("tokenizer") or {}))
+    tok = dict(tok or mc.get("tokenizer") or {})
+    if tok.get("kind") == "bpe":  # the vocabulary travels with the export
+        vocab = src.weights.parent / "tokenizer.json"
+        if not vocab.is_file():
+            raise ConvertError(f"{src.weights}: a bpe model needs its vocabulary, {vocab} is missing")
+        tok["path"] = str(vocab)
+    return tk.finish(family=family, config=config, settings=settings, tokenizer=tok)
 
 
 register_layout(Layout("glmtrain-hf", "", match=lambda src: _own_export(src) is not None, read=_read_own,

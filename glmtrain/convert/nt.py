@@ -266,26 +266,33 @@ def _write_tokenizer(model_cfg: TransformerConfig, tokenizer, out: Path) -> None
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
 
-def export_nt(model_cfg: TransformerConfig, state: dict[str, torch.Tensor], tokenizer, out_dir: str | Path) -> Path:
+def export_nt(model_cfg: TransformerConfig, state: dict[str, torch.Tensor], tokenizer, out_dir: str | Path,
+              rows: int | None = None) -> Path:
     """Write a Hugging Face directory: config.json, model.safetensors, vocab.txt and tokenizer config.
     ``tokenizer``: the run's k-mer tokenizer (its ``n_tokens`` ids become vocab.txt; ``add_cls`` decides
     whether <cls> is prepended).  NT-v1 / ESM: ``AutoModelForMaskedLM`` / ``AutoTokenizer`` load it without
     remote code.  NT-v2: the released repositories' layout (``add_bias_fnn: false``, GLU in
-    ``intermediate.dense``); ``transformers`` runs it only with NT's modeling code, which is not written
-    here (``AutoTokenizer`` loads the tokenizer either way)."""
+    ``intermediate.dense``) plus ``modeling_glmtrain.py`` (``NtEsmForMaskedLM``: transformers' ESM with NT's
+    gated MLP), loaded with ``trust_remote_code=True``.  ``rows``: embedding / decoder rows written (default
+    the tokenizer's ``n_tokens``, as NT releases; a run's padded row count keeps the export bit-exact)."""
     from safetensors.torch import save_file
     from transformers import EsmForMaskedLM
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     nt_v2 = is_nt_v2(model_cfg)
-    conf = esm_config(model_cfg, tokenizer.n_tokens, tokenizer.pad_id, tokenizer.mask_id, hf_class=not nt_v2)
-    esm_state = glmtrain_to_esm(model_cfg, state, tokenizer.n_tokens, tokenizer.pad_id)
+    rows = rows or tokenizer.n_tokens
+    conf = esm_config(model_cfg, rows, tokenizer.pad_id, tokenizer.mask_id, hf_class=not nt_v2)
+    esm_state = glmtrain_to_esm(model_cfg, state, rows, tokenizer.pad_id)
     if nt_v2:
         if model_cfg.tie_embeddings:
             del esm_state["lm_head.decoder.weight"]  # tied: one tensor on disk, as transformers writes it
+        conf.auto_map = {"AutoModelForMaskedLM": "modeling_glmtrain.NtEsmForMaskedLM"}
         conf.save_pretrained(out)
         save_file({k: v.contiguous() for k, v in esm_state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+        import shutil
+
+        shutil.copyfile(Path(__file__).with_name("_hf_modeling.py"), out / "modeling_glmtrain.py")
     else:
         hf = EsmForMaskedLM(conf)
         missing, unexpected = hf.load_state_dict(esm_state, strict=False)
@@ -320,5 +327,127 @@ def import_nt(hf_dir: str | Path, vocab_rows: int | None = None) -> tuple[Transf
     return cfg, esm_to_glmtrain(state, cfg, rows, int(conf.get("pad_token_id", 1)))
 
 
-__all__ = ["DROPPED", "ConversionError", "esm_config", "esm_to_glmtrain", "export_nt", "glmtrain_to_esm", "import_nt",
+# ----------------------------------------------------------------------------- registry (python -m glmtrain.convert)
+#: model-config fields an ESM / NT checkpoint fixes (compared with the model it is loaded into)
+MATHS = ("d_model", "n_layers", "n_heads", "ffn_dim", "causal", "norm", "norm_eps", "norm_position", "embed_norm", "mlp",
+         "gelu", "bias", "position", "tie_embeddings", "head", "token_dropout")
+NT_TOKENIZER = {"kind": "kmer", "k": 6, "add_cls": True}  # NT's 6-mers, <cls> first, nothing appended
+
+
+def esm_names(cfg: TransformerConfig) -> dict[str, str]:
+    """ESM / NT tensor name -> the glmtrain tensor(s) it becomes (for the import account)."""
+    nt_v2 = is_nt_v2(cfg)
+    out = {"esm.embeddings.word_embeddings.weight": "embed.weight", "lm_head.decoder.weight": "lm_head.weight",
+           "lm_head.bias": "lm_head.bias", **dict(_top_map())}
+    if cfg.position == "learned":
+        out["esm.embeddings.position_embeddings.weight"] = "pos_embed.weight (rows pad+1 ..)"
+    for i in range(cfg.n_layers):
+        for n in ("query", "key", "value"):
+            for s in ("weight", "bias"):
+                out[f"esm.encoder.layer.{i}.attention.self.{n}.{s}"] = f"blocks.{i}.attn.qkv.{s} ({n} rows, head-major)"
+        if nt_v2:
+            out[f"esm.encoder.layer.{i}.intermediate.dense.weight"] = f"blocks.{i}.mlp.gate.weight + blocks.{i}.mlp.up.weight"
+        out.update(dict(_layer_map(i, nt_v2)))
+    return out
+
+
+def _is_esm(src) -> bool:
+    return (src.config or {}).get("model_type") == "esm"
+
+
+def _read_esm(src):
+    """The ``esm-hf`` layout: NT-v2 as released (InstaDeepAI ``nucleotide-transformer-v2-*``), NT-v1 / ESM, and
+    glmtrain's own NT exports."""
+    from glmtrain.convert import ConvertError, Taker
+    from glmtrain.tokenizers import build_tokenizer
+
+    conf = src.config
+    tok_cfg = dict(NT_TOKENIZER)
+    tc = src.weights.parent / "tokenizer_config.json"
+    own = conf.get("glmtrain_model") or {}  # set by glmtrain's own export
+    if tc.is_file():
+        tok_cfg = json.loads(tc.read_text()).get("glmtrain_tokenizer") or tok_cfg
+    try:
+        cfg = model_config_from_esm(conf, name=own.get("name", f"{src.path.name or 'esm'}-import"), tokenizer=tok_cfg)
+        tok = build_tokenizer(tok_cfg)
+        vocab = src.weights.parent / "vocab.txt"
+        if vocab.is_file() and tok_cfg.get("kind") in ("kmer", "kmer_overlap"):
+            theirs = vocab.read_text().split()
+            ours = tok.vocab()
+            bad = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), None)
+            if bad is not None or len(theirs) != len(ours):
+                at = bad if bad is not None else min(len(theirs), len(ours))
+                raise ConvertError(f"{vocab}: token {at} is {theirs[at] if at < len(theirs) else '(none)'!r}, glmtrain's "
+                                   f"{tok_cfg['kind']} tokenizer has {ours[at] if at < len(ours) else '(none)'!r}; "
+                                   "ids would not mean the same tokens")
+        tensors = esm_to_glmtrain(dict(src.tensors), cfg, tok.vocab_size, int(conf.get("pad_token_id", 1)))
+    except ConversionError as e:
+        raise ConvertError(f"{src.weights}: {e}") from None
+    tk = Taker(src, "esm-hf")
+    names = esm_names(cfg)
+    for k in sorted(src.tensors):
+        if k in names:
+            tk.mapped.append((k, names[k]))
+        elif k.endswith(("inv_freq", "position_ids")):
+            tk.dropped.append((k, "rotary frequencies / position ids (recomputed)"))
+        elif k.startswith("esm.contact_head."):
+            tk.dropped.append((k, "contact-prediction head (no glmtrain counterpart)"))
+        elif k == "esm.embeddings.position_embeddings.weight":
+            tk.dropped.append((k, "absolute position table a rotary model never reads"))
+        else:  # legacy names (gamma/beta) that esm_to_glmtrain accepted
+            tk.mapped.append((k, "(legacy LayerNorm name)"))
+    tk.left.clear()  # esm_to_glmtrain accounted for every tensor or refused
+    tk.out = tensors
+    config = {k: getattr(cfg, k) for k in MATHS}
+    if cfg.position == "learned":
+        config["max_seq_len"] = cfg.max_seq_len
+    if cfg.position == "rope":
+        config["rope_base"] = cfg.rope_base
+    if is_nt_v2(cfg):
+        config["mlp_bias"] = False
+    if cfg.token_dropout:
+        config["mask_token_id"] = cfg.mask_token_id
+    settings = {"name": cfg.name, "dropout": float(own.get("dropout", 0.0))}
+    if not is_nt_v2(cfg):
+        settings["mlp_bias"] = cfg.mlp_bias
+    return tk.finish(family="transformer", config=config, settings=settings, tokenizer=dict(tok_cfg),
+                     notes=[] if own else ["NT-v2 layout (gated MLP, add_bias_fnn=false)" if is_nt_v2(cfg)
+                                           else "ESM / NT-v1 layout"])
+
+
+def fits_esm(cfg: TransformerConfig) -> bool:
+    """Whether a glmtrain Transformer can be written in the ESM / NT layout (NT-v1: the built-in class)."""
+    try:
+        _check(cfg)
+    except ConversionError:
+        return False
+    return True
+
+
+def write_esm(model, out: Path, tok_cfg) -> dict:
+    """Exporter for NT-v1 / NT-v2 shaped encoders: the ESM / NT layout with every embedding row of the run."""
+    from glmtrain.tokenizers import build_tokenizer
+
+    tok = build_tokenizer(tok_cfg)
+    export_nt(model.cfg, model.state_dict(), tok, out, rows=model.vocab_size)
+    conf = json.loads((out / "config.json").read_text())
+    conf["glmtrain_model"] = {"name": model.cfg.name, "dropout": model.cfg.dropout}
+    (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
+    if is_nt_v2(model.cfg):
+        return {"config.json": "NT-v2 layout (esm, add_bias_fnn=false) via modeling_glmtrain.NtEsmForMaskedLM "
+                               "(trust_remote_code=True)", "model.safetensors": "ESM / NT tensor names",
+                "modeling_glmtrain.py": "torch + transformers only"}
+    return {"config.json": "EsmForMaskedLM (built into transformers)", "model.safetensors": "ESM tensor names"}
+
+
+def _register() -> None:
+    from glmtrain.convert import Layout, register_layout
+
+    register_layout(Layout("esm-hf", "transformer", match=_is_esm, read=_read_esm,
+                           description="NT-v2 (InstaDeepAI nucleotide-transformer-v2-*), NT-v1 / ESM (config.json model_type esm)"))
+
+
+_register()
+
+__all__ = ["DROPPED", "ConversionError", "esm_config", "fits_esm", "write_esm", "esm_names", "esm_to_glmtrain", "export_nt", "glmtrain_to_esm", "import_nt",
            "is_nt_v2", "model_config_from_esm"]

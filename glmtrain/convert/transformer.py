@@ -1,4 +1,12 @@
-"""The Transformer baseline <-> ``transformers``' GPT-NeoX (a built-in class: no remote code).
+"""The Transformer family -> Hugging Face: the built-in class where one fits, remote code otherwise.
+
+* a causal Transformer of GPT-NeoX's shape -> ``GPTNeoXForCausalLM`` (below);
+* NT-v1 / ESM-shaped encoders -> ``EsmForMaskedLM``; NT-v2 -> its released ESM layout with NT's gated MLP
+  (``modeling_glmtrain.NtEsmForMaskedLM``, remote code) -- :mod:`glmtrain.convert.nt`;
+* everything else (DNABERT-1/2: post-LN, ALiBi, gated GELU; GENERator: RMSNorm, SwiGLU, no biases; the
+  encoder baseline) -> glmtrain's own modeling file (``trust_remote_code``, glmtrain's parameter names).
+
+GPT-NeoX:
 
 glmtrain's causal Transformer with LayerNorm, a GELU(tanh) MLP with biases and full-width RoPE
 (rotate-half) is GPT-NeoX with ``use_parallel_residual=false``, ``partial_rotary_factor=1``,
@@ -35,10 +43,18 @@ NAMES = [  # (glmtrain block name, GPT-NeoX layer name)
 ]
 
 
+def write_transformer(model, out: Path, tok_cfg) -> dict:
+    from glmtrain.convert.nt import fits_esm, write_esm
+
+    if fits_gpt_neox(model.cfg):
+        return write_gpt_neox(model, out, tok_cfg)
+    if fits_esm(model.cfg):
+        return write_esm(model, out, tok_cfg)
+    return write_remote_code(model, out, tok_cfg)
+
+
 def write_gpt_neox(model, out: Path, tok_cfg) -> dict:
     cfg = model.cfg
-    if not fits_gpt_neox(cfg):
-        return write_remote_code(model, out, tok_cfg)
     sd = model.state_dict()
     t = {"gpt_neox.embed_in.weight": sd["embed.weight"], "gpt_neox.final_layer_norm.weight": sd["norm_f.weight"],
          "gpt_neox.final_layer_norm.bias": sd["norm_f.bias"]}
@@ -67,7 +83,7 @@ def write_gpt_neox(model, out: Path, tok_cfg) -> dict:
     return {"config.json": "GPTNeoXForCausalLM (built into transformers)", "model.safetensors": "GPT-NeoX names"}
 
 
-register_exporter(Exporter("transformer", write=write_gpt_neox))
+register_exporter(Exporter("transformer", write=write_transformer))
 
 
 def _is_neox(src: Released) -> bool:

@@ -129,6 +129,9 @@ class Evo2Config(ModelConfig):
             raise ValueError(f"model.n_layers={self.n_layers} but model.pattern has {len(self.pattern)} layers")
         return [BLOCK_KINDS[c] for c in self.pattern]
 
+    def resolved_n_layers(self) -> int:
+        return self.n_layers or len(self.pattern)
+
     def resolved_li_filter_groups(self) -> int:
         return self.li_filter_groups or self.d_model
 
