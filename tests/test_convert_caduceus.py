@@ -80,9 +80,9 @@ def test_export_automodel_parity_tokenizer_and_round_trip(tmp_path, variant):
     x[1] = x[1].flip(0)
 
     errors = {}
-    for dtype in (torch.float32, torch.float64):
-        hf = load_hf(out, dtype)
-        glm = model.to(dtype)
+    hf = load_hf(out)
+    for dtype in (torch.float32, torch.float64):  # float64 by .double() here (by from_pretrained(dtype=) below)
+        hf, glm = hf.to(dtype), model.to(dtype)
         with torch.no_grad():
             a, b = hf(x).logits, glm(x)
         assert a.dtype == dtype and a.shape == b.shape

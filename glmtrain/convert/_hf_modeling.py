@@ -523,7 +523,7 @@ class CaduceusBlock(nn.Module):
         self.mixer = BiMamba(c)
         self.rcps, self.swap, self.fp32 = c["rcps"], c["rcps"] and c["fused_add_norm"], c["residual_in_fp32"]
 
-    def _apply(self, module, x):
+    def _halves(self, module, x):
         return _on_strands(module, x) if self.rcps else module(x)
 
     def forward(self, hidden, residual):
@@ -531,10 +531,10 @@ class CaduceusBlock(nn.Module):
             hidden = hidden.roll(hidden.shape[-1] // 2, dims=-1)
             residual = None if residual is None else residual.roll(residual.shape[-1] // 2, dims=-1)
         residual = hidden if residual is None else hidden + residual
-        normed = self._apply(self.norm, residual.to(self.norm.weight.dtype))
+        normed = self._halves(self.norm, residual.to(self.norm.weight.dtype))
         if self.fp32:
             residual = residual.float()
-        return self._apply(self.mixer, normed), residual
+        return self._halves(self.mixer, normed), residual
 
 
 class CaduceusNet(nn.Module):
