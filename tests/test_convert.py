@@ -592,3 +592,16 @@ def test_dnabert2_release_imports_and_exports(tmp_path, capsys):
     run_like.tokenizer = build_tokenizer({"kind": "bpe", "vocab_size": 96, "path": str(own)})
     with pytest.raises(ConvertError, match=r"BPE vocabulary .* is not the release's .*set model\.tokenizer\.path="):
         init_from_released(rel, run_like)
+
+
+def test_every_family_has_an_exporter_and_every_import_layout_is_listed(capsys):
+    """A new family without a Hugging Face exporter fails here, not in a user's hands."""
+    from glmtrain.convert import exporters, layouts
+    from glmtrain.convert.__main__ import main
+    from glmtrain.models import family_names
+
+    assert set(family_names()) <= set(exporters())
+    assert main(["layouts"]) == 0
+    text = capsys.readouterr().out
+    for name in ("hyenadna", "hyenadna-hf", "evo2-vortex", "esm-hf", "dnabert2-hf", "caduceus-hf", "gpt-neox", "glmtrain-hf"):
+        assert name in layouts() and f"  {name} " in text
