@@ -30,16 +30,21 @@ from glmtrain.convert.files import write_safetensors
 
 MODELING = Path(__file__).with_name("_hf_modeling.py")
 PREFIX = "model."
-# model-config fields that do not change the function a checkpoint computes (init, memory, speed, optimiser)
-NOT_CHECKED = {
-    "name", "published_params", "tokenizer", "activation_checkpointing", "checkpoint_policy", "checkpoint_layers",
-    "filter_chunk", "fft_channel_chunk", "fused_hyena", "mlp_recompute_gelu", "embed_dropout", "resid_dropout",
-    "dropout", "initializer_range", "filter_lr_scale", "filter_weight_decay", "attention", "li_rate_min", "li_rate_max",
-    "filter_w", "train_freq", "mr_decay_preset", "mr_decay_fast", "mr_decay_slow", "mr_decay_target", "decay_fast",
-    "decay_slow", "decay_target",
+# model-config fields that do not change the function a set of weights computes, besides each family's speed-only
+# knobs (its config's SPEED_ONLY): naming, initialisation, optimiser and dropout settings
+NOT_MATH = {
+    "name", "published_params", "tokenizer", "embed_dropout", "resid_dropout", "dropout", "initializer_range",
+    "filter_lr_scale", "filter_weight_decay", "li_rate_min", "li_rate_max", "filter_w", "train_freq", "mr_decay_preset",
+    "mr_decay_fast", "mr_decay_slow", "mr_decay_target", "decay_fast", "decay_slow", "decay_target",
+    "dt_min", "dt_max", "dt_init", "dt_scale", "dt_init_floor", "rescale_prenorm_residual", "n_residuals_per_layer",
 }
-NOT_CHECKED |= {"dt_min", "dt_max", "dt_init", "dt_scale", "dt_init_floor", "rescale_prenorm_residual",  # Caduceus init
-                "n_residuals_per_layer", "scan_impl", "scan_chunk", "scan_block"}  # ... and scan kernel choices
+
+
+def not_checked(family: str) -> set[str]:
+    """Model-config fields of ``family`` that an export's reader does not hold a model to."""
+    from glmtrain.models import config_class
+
+    return NOT_MATH | set(config_class(family).SPEED_ONLY)
 
 
 def model_config_dict(cfg: Any) -> dict:
@@ -239,12 +244,13 @@ def _read_own(src: Released) -> Imported:
     from glmtrain.models import config_class
 
     built = config_class(family)(**{k: v for k, v in mc.items() if k != "tokenizer"})
+    free = not_checked(family)
     config = {}  # resolved values (mlp_dim 0 -> the width it stands for), so that equivalent configs compare equal
     for k, v in mc.items():
-        if k not in NOT_CHECKED and k != "family":
+        if k not in free and k != "family":
             resolve = getattr(built, f"resolved_{k}", None)
             config[k] = resolve() if callable(resolve) else v
-    settings = {k: v for k, v in mc.items() if k in NOT_CHECKED and k != "tokenizer"}
+    settings = {k: v for k, v in mc.items() if k in free and k != "tokenizer"}
     tok = dict(tok or mc.get("tokenizer") or {})
     if tok.get("kind") == "bpe":  # the vocabulary travels with the export
         vocab = src.weights.parent / "tokenizer.json"
@@ -257,4 +263,4 @@ def _read_own(src: Released) -> Imported:
 register_layout(Layout("glmtrain-hf", "", match=lambda src: _own_export(src) is not None, read=_read_own,
                        description="a directory or .safetensors file written by python -m glmtrain.convert"))
 
-__all__ = ["export_model", "write_tokenizer", "write_remote_code", "glmtrain_tensors", "model_config_dict", "NOT_CHECKED"]
+__all__ = ["export_model", "write_tokenizer", "write_remote_code", "glmtrain_tensors", "model_config_dict", "NOT_MATH", "not_checked"]

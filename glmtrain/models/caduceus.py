@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +87,8 @@ class CaduceusConfig(ModelConfig):
     scan_impl: str = "auto"  # auto (mamba_ssm kernel on GPU if installed, else chunked) | chunked | sequential | mamba_ssm
     scan_chunk: int = 0  # positions per chunk of the chunked scan (0 = automatic)
     scan_block: int = 0  # positions per block of the chunked scan (0 = automatic, ~2 MB per block tensor)
+
+    SPEED_ONLY: ClassVar[tuple[str, ...]] = ModelConfig.SPEED_ONLY + ("scan_impl", "scan_chunk", "scan_block")
 
     def resolved_dt_rank(self) -> int:
         return self.dt_rank or math.ceil(self.d_model / 16)
