@@ -275,11 +275,7 @@ def write_export(model, out: Path, tok_cfg) -> dict:
     complement map in config.json (``complement_map``; glmtrain derives it, so no tensor holds it)."""
     from glmtrain.convert.hf import write_remote_code
 
-    files = write_remote_code(model, out, tok_cfg)
-    config = json.loads((out / "config.json").read_text())
-    config["complement_map"] = model.complement.tolist()
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return files
+    return write_remote_code(model, out, tok_cfg, extra_config={"complement_map": model.complement.tolist()})
 
 
 _register()

@@ -167,8 +167,9 @@ def glmtrain_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {PREFIX + k: v for k, v in sd.items() if not (tied and k == "lm_head.weight")}
 
 
-def write_remote_code(model, out: Path, tok_cfg) -> dict:
-    """config.json + model.safetensors + modeling_glmtrain.py for ``trust_remote_code``."""
+def write_remote_code(model, out: Path, tok_cfg, extra_config: dict | None = None) -> dict:
+    """config.json (+ ``extra_config``: values the modeling code reads besides the model config) +
+    model.safetensors + modeling_glmtrain.py for ``trust_remote_code``."""
     cfg = model.cfg
     causal = bool(getattr(model, "causal", True))
     auto = "AutoModelForCausalLM" if causal else "AutoModelForMaskedLM"
@@ -178,7 +179,7 @@ def write_remote_code(model, out: Path, tok_cfg) -> dict:
     config = {
         "model_type": "glmtrain", "architectures": [arch], "family": cfg.family, "glmtrain": mc,
         "auto_map": {"AutoConfig": "modeling_glmtrain.GlmtrainConfig", auto: f"modeling_glmtrain.{arch}"},
-        "tie_word_embeddings": tied, **hf_config_common(model, tok_cfg),
+        "tie_word_embeddings": tied, **hf_config_common(model, tok_cfg), **(extra_config or {}),
     }
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     write_safetensors(glmtrain_tensors(model), out / "model.safetensors",

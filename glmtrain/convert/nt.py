@@ -267,14 +267,15 @@ def _write_tokenizer(model_cfg: TransformerConfig, tokenizer, out: Path) -> None
 
 
 def export_nt(model_cfg: TransformerConfig, state: dict[str, torch.Tensor], tokenizer, out_dir: str | Path,
-              rows: int | None = None) -> Path:
+              rows: int | None = None, extra_config: dict | None = None) -> Path:
     """Write a Hugging Face directory: config.json, model.safetensors, vocab.txt and tokenizer config.
     ``tokenizer``: the run's k-mer tokenizer (its ``n_tokens`` ids become vocab.txt; ``add_cls`` decides
     whether <cls> is prepended).  NT-v1 / ESM: ``AutoModelForMaskedLM`` / ``AutoTokenizer`` load it without
     remote code.  NT-v2: the released repositories' layout (``add_bias_fnn: false``, GLU in
     ``intermediate.dense``) plus ``modeling_glmtrain.py`` (``NtEsmForMaskedLM``: transformers' ESM with NT's
     gated MLP), loaded with ``trust_remote_code=True``.  ``rows``: embedding / decoder rows written (default
-    the tokenizer's ``n_tokens``, as NT releases; a run's padded row count keeps the export bit-exact)."""
+    the tokenizer's ``n_tokens``, as NT releases; a run's padded row count keeps the export bit-exact);
+    ``extra_config``: further config.json entries."""
     from safetensors.torch import save_file
     from transformers import EsmForMaskedLM
 
@@ -284,6 +285,8 @@ def export_nt(model_cfg: TransformerConfig, state: dict[str, torch.Tensor], toke
     rows = rows or tokenizer.n_tokens
     conf = esm_config(model_cfg, rows, tokenizer.pad_id, tokenizer.mask_id, hf_class=not nt_v2)
     esm_state = glmtrain_to_esm(model_cfg, state, rows, tokenizer.pad_id)
+    for k, v in (extra_config or {}).items():
+        setattr(conf, k, v)  # saved with the config (to_dict holds every attribute)
     if nt_v2:
         if model_cfg.tie_embeddings:
             del esm_state["lm_head.decoder.weight"]  # tied: one tensor on disk, as transformers writes it
@@ -429,10 +432,8 @@ def write_esm(model, out: Path, tok_cfg) -> dict:
     from glmtrain.tokenizers import build_tokenizer
 
     tok = build_tokenizer(tok_cfg)
-    export_nt(model.cfg, model.state_dict(), tok, out, rows=model.vocab_size)
-    conf = json.loads((out / "config.json").read_text())
-    conf["glmtrain_model"] = {"name": model.cfg.name, "dropout": model.cfg.dropout}
-    (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
+    export_nt(model.cfg, model.state_dict(), tok, out, rows=model.vocab_size,
+              extra_config={"glmtrain_model": {"name": model.cfg.name, "dropout": model.cfg.dropout}})
     if is_nt_v2(model.cfg):
         return {"config.json": "NT-v2 layout (esm, add_bias_fnn=false) via modeling_glmtrain.NtEsmForMaskedLM "
                                "(trust_remote_code=True)", "model.safetensors": "ESM / NT tensor names",
