@@ -307,27 +307,14 @@ def export_nt(model_cfg: TransformerConfig, state: dict[str, torch.Tensor], toke
     return out
 
 
-def import_nt(hf_dir: str | Path, vocab_rows: int | None = None) -> tuple[TransformerConfig, dict[str, torch.Tensor]]:
-    """(glmtrain config, state dict) from a Hugging Face ESM / NT directory (config.json + *.safetensors):
-    NT-v1 / ESM, or NT-v2 as released (config with ``add_bias_fnn``).  Weights are read with safetensors:
-    no pickle, no code (a directory with only ``pytorch_model.bin`` is refused)."""
-    from safetensors.torch import load_file
+def import_nt(hf_dir: str | Path) -> tuple[TransformerConfig, dict[str, torch.Tensor]]:
+    """(glmtrain config, state dict) from a Hugging Face ESM / NT directory: NT-v1 / ESM, or NT-v2 as released
+    (config with ``add_bias_fnn``) -- the ``esm-hf`` layout's reader (safetensors, or ``weights_only`` torch
+    files: nothing unpickled, no code run)."""
+    from glmtrain.convert import build_imported_model, load_released
 
-    d = Path(hf_dir)
-    conf = json.loads((d / "config.json").read_text())
-    if conf.get("model_type") != "esm":
-        raise ConversionError(f"{d / 'config.json'}: model_type={conf.get('model_type')!r}, not esm")
-    files = sorted(d.glob("*.safetensors"))
-    if not files:
-        raise ConversionError(f"{d}: no .safetensors weights (pickled .bin files are not loaded)")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    cfg = model_config_from_esm(conf, name=d.name)
-    from glmtrain.tokenizers import build_tokenizer
-
-    rows = vocab_rows or build_tokenizer(cfg.tokenizer).vocab_size
-    return cfg, esm_to_glmtrain(state, cfg, rows, int(conf.get("pad_token_id", 1)))
+    model, cfg, _, _ = build_imported_model(load_released(hf_dir, family="transformer"))
+    return cfg, model.state_dict()
 
 
 # ----------------------------------------------------------------------------- registry (python -m glmtrain.convert)
@@ -375,11 +362,9 @@ def _read_esm(src):
         tok = build_tokenizer(tok_cfg)
         vocab = src.weights.parent / "vocab.txt"
         if vocab.is_file() and tok_cfg.get("kind") in ("kmer", "kmer_overlap"):
-            theirs = vocab.read_text().split()
-            ours = tok.vocab()
-            bad = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), None)
-            if bad is not None or len(theirs) != len(ours):
-                at = bad if bad is not None else min(len(theirs), len(ours))
+            theirs, ours = vocab.read_text().split(), tok.vocab()
+            if theirs != ours:
+                at = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
                 raise ConvertError(f"{vocab}: token {at} is {theirs[at] if at < len(theirs) else '(none)'!r}, glmtrain's "
                                    f"{tok_cfg['kind']} tokenizer has {ours[at] if at < len(ours) else '(none)'!r}; "
                                    "ids would not mean the same tokens")
