@@ -408,14 +408,12 @@ def _nt_v2_release(path: Path, cfg, tok):
     """A checkpoint in the released NT-v2 layout (InstaDeepAI nucleotide-transformer-v2-*: ESM names, 4,107 ids,
     ``add_bias_fnn: false``, a GLU in ``intermediate.dense``, the unused 2,050-row position table, the contact
     head), made with transformers' EsmForMaskedLM whose MLPs are swapped for NT's; returns that reference model."""
-    from transformers import EsmForMaskedLM
-
     from glmtrain.convert.nt import esm_config
     from tests.test_encoders import _nt_v2_as_esm
 
     conf = esm_config(cfg, tok.n_tokens, hf_class=False)
     torch.manual_seed(1)
-    ref = _nt_v2_as_esm(EsmForMaskedLM(conf))
+    ref = _nt_v2_as_esm(conf)
     with torch.no_grad():
         for p in ref.parameters():
             p.normal_(0, 0.1)

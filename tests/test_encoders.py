@@ -273,35 +273,22 @@ def test_nt_v2_gated_mlp_is_refused_for_esm_with_one_line():
     assert "\n" not in str(e.value)
 
 
-def _nt_v2_as_esm(hf):
+def _nt_v2_as_esm(conf):
     """``EsmForMaskedLM`` with each MLP replaced by NT-v2's released one (the InstaDeepAI repositories'
     ``modeling_esm.py``, ``add_bias_fnn: false``): ``intermediate.dense`` is one bias-free Linear d -> 2 ffn
     whose output halves give silu(first) * second, ``output.dense`` has no bias.  Everything else
-    (embeddings, rotary attention, norms, MLM head) stays transformers' own code."""
-    import torch.nn.functional as F
-    from torch import nn
+    (embeddings, rotary attention, norms, MLM head) stays transformers' own code.  This is the class NT-v2
+    exports load with (``modeling_glmtrain.NtEsmForMaskedLM``)."""
+    from glmtrain.convert._hf_modeling import NtEsmForMaskedLM
 
-    class NtGlu(nn.Module):
-        def __init__(self, d, ffn):
-            super().__init__()
-            self.dense = nn.Linear(d, 2 * ffn, bias=False)
-
-        def forward(self, x):
-            first, second = self.dense(x).chunk(2, dim=-1)
-            return F.silu(first) * second
-
-    c = hf.config
-    for layer in hf.esm.encoder.layer:
-        layer.intermediate = NtGlu(c.hidden_size, c.intermediate_size)
-        layer.output.dense = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
-    return hf.double().eval()
+    return NtEsmForMaskedLM(conf).double().eval()
 
 
 def test_nt_v2_layout_converts_both_ways_and_round_trips_through_its_directory(tmp_path):
     """NT-v2's released layout (issue 12 imports real checkpoints through this): logits equal to
     transformers' ESM code running NT-v2's gated MLP, the released checkpoint's extra tensors dropped,
     an unknown tensor refused, export -> import unchanged."""
-    from transformers import AutoTokenizer, EsmForMaskedLM
+    from transformers import AutoTokenizer
 
     from glmtrain.convert.nt import ConversionError, esm_config, esm_to_glmtrain, export_nt, glmtrain_to_esm, import_nt
     from glmtrain.models.transformer import Transformer, TransformerConfig
@@ -314,7 +301,7 @@ def test_nt_v2_layout_converts_both_ways_and_round_trips_through_its_directory(t
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.2)
-    hf = _nt_v2_as_esm(EsmForMaskedLM(esm_config(cfg, tok.n_tokens, hf_class=False)))
+    hf = _nt_v2_as_esm(esm_config(cfg, tok.n_tokens, hf_class=False))
     missing, unexpected = hf.load_state_dict(glmtrain_to_esm(cfg, model.state_dict(), tok.n_tokens), strict=False)
     assert not unexpected and all(k.endswith("inv_freq") for k in missing)
     x, am = _batch(tok)

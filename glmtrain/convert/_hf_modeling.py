@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import EsmForMaskedLM, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput, MaskedLMOutput
 
 
@@ -288,10 +288,6 @@ class TransformerNet(nn.Module):
         if hasattr(self, "head_dense"):
             x = self.head_norm(F.gelu(self.head_dense(x)))
         return self.lm_head(x)
-
-
-def transformer_net(c, vocab):
-    return TransformerNet(c, vocab)
 
 
 # ----------------------------------------------------------------------------- HyenaDNA
@@ -584,8 +580,7 @@ class CaduceusNet(nn.Module):
         return logits
 
 
-NETWORKS = {"transformer": transformer_net, "hyena": hyena_net, "evo2": evo2_net}
-NETWORKS["caduceus"] = CaduceusNet
+NETWORKS = {"transformer": TransformerNet, "hyena": hyena_net, "evo2": evo2_net, "caduceus": CaduceusNet}
 
 
 # ----------------------------------------------------------------------------- transformers wrappers
@@ -612,8 +607,7 @@ class GlmtrainPreTrainedModel(PreTrainedModel):
         return self.model.lm_head
 
     def _loss_and_logits(self, input_ids, attention_mask, labels, shift):
-        key_padding = attention_mask if attention_mask is not None else None
-        logits = self.model(input_ids, key_padding)
+        logits = self.model(input_ids, attention_mask)
         loss = None
         if labels is not None:
             lg, lb = (logits[:, :-1], labels[:, 1:]) if shift else (logits, labels)
@@ -646,22 +640,14 @@ class _NtGlu(nn.Module):
         return F.silu(first) * second
 
 
-def _nt_esm_class():
-    from transformers import EsmForMaskedLM
+class NtEsmForMaskedLM(EsmForMaskedLM):
+    """transformers' ESM (embeddings, rotary attention, norms, MLM head) with NT-v2's gated MLP where the
+    config says ``add_bias_fnn: false`` (the layout of the InstaDeepAI nucleotide-transformer-v2 files)."""
 
-    class NtEsmForMaskedLM(EsmForMaskedLM):
-        """transformers' ESM (embeddings, rotary attention, norms, MLM head) with NT-v2's gated MLP where the
-        config says ``add_bias_fnn: false`` (the layout of the InstaDeepAI nucleotide-transformer-v2 files)."""
-
-        def __init__(self, config):
-            super().__init__(config)
-            if getattr(config, "add_bias_fnn", True) is False:
-                for layer in self.esm.encoder.layer:
-                    layer.intermediate = _NtGlu(config.hidden_size, config.intermediate_size)
-                    layer.output.dense = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-                self.post_init()
-
-    return NtEsmForMaskedLM
-
-
-NtEsmForMaskedLM = _nt_esm_class()
+    def __init__(self, config):
+        super().__init__(config)
+        if getattr(config, "add_bias_fnn", True) is False:
+            for layer in self.esm.encoder.layer:
+                layer.intermediate = _NtGlu(config.hidden_size, config.intermediate_size)
+                layer.output.dense = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+            self.post_init()
