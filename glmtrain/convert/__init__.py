@@ -324,7 +324,7 @@ def _check_vocabulary(imp: Imported, tok: Any) -> None:
     from tokenizers import Tokenizer as HFTokenizer
 
     theirs = HFTokenizer.from_file(str(path)).get_vocab()
-    ours = dict(zip(tok.vocab(), range(10**9)))
+    ours = {t: i for i, t in enumerate(tok.vocab())}
     if ours != theirs:
         raise ConvertError(f"the run's BPE vocabulary ({tok.path}) is not the release's ({path}): the ids would index "
                            f"other embedding rows; set model.tokenizer.path={path}")

@@ -73,17 +73,16 @@ def _read(src: Released) -> Imported:
     word = tk.take(e + "word_embeddings.weight")
     types = tk.take(e + "token_type_embeddings.weight")
     dec, stored = word, h + "decoder.weight"
-    if tk.has(stored):
-        dec = tk.get(stored)
-        if torch.equal(dec, word):
-            tk.drop_equal(stored, word, "bert.embeddings.word_embeddings.weight (tied decoder)")
-        else:
-            tk.take(stored)
-    tied = dec is word or torch.equal(dec, word)
-    tied = tied and not bool(types[0].any())  # a non-zero type-0 row makes the input embedding differ from the head
+    untied_decoder = tk.has(stored) and not torch.equal(tk.get(stored), word)
+    if untied_decoder:
+        dec = tk.take(stored)
+    elif tk.has(stored):
+        tk.drop_equal(stored, word, "bert.embeddings.word_embeddings.weight (tied decoder)")
+    # a non-zero type-0 row makes the input embedding differ from the head
+    tied = not untied_decoder and not bool(types[0].any())
     embed = _rows(word + types[0], rows)
     tk.put("embed.weight", embed, e + "word_embeddings.weight", e + "token_type_embeddings.weight")
-    tk.put("lm_head.weight", embed if tied else _rows(dec, rows), *([] if tied or dec is word else [stored]))
+    tk.put("lm_head.weight", embed if tied else _rows(dec, rows), *([stored] if untied_decoder else []))
     notes = []
     if not tied:
         notes.append("token-type row 0 folded into the input embedding (exact); the LM head keeps the released "
